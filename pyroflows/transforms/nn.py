@@ -1,0 +1,135 @@
+"""Conditioner networks: one masked MLP serves coupling and autoregressive layers.
+
+A conditioner maps the flow's input ``x`` (and an optional context) to the parameters of an
+elementwise transformer. Which inputs each output may see is given by integer *ranks*
+(MADE's degrees, Germain et al. 2015): output ``i`` depends on input ``j`` only if
+``rank[j] < rank[i]``. Ranks ``0/1`` give a coupling layer; ranks ``1..D`` give an
+autoregressive one. Inputs that no output may see are dropped before the first matmul and
+all-ones masks are skipped, so a coupling conditioner costs exactly a dense MLP on the
+conditioning half.
+
+The output layer is zero-initialised: the conditioner then outputs zeros, and every
+transformer in :mod:`pyroflows.transforms.transformers` is the identity at zero parameters,
+so each layer starts as the exact identity (as in FlowJAX).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MaskedMLP"]
+
+_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU}
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer whose weight is multiplied by a fixed 0/1 mask (skipped when all ones)."""
+
+    def __init__(self, mask: Tensor, bias: bool = True):
+        super().__init__(mask.shape[1], mask.shape[0], bias=bias)
+        self.dense = bool(mask.all())
+        if not self.dense:
+            self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight if self.dense else self.weight * self.mask
+        return nn.functional.linear(x, weight, self.bias)
+
+
+class Bias(nn.Module):
+    """The head of a conditioner with no inputs: learnable constants."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bias.expand(*x.shape[:-1], -1)
+
+
+class MaskedMLP(nn.Module):
+    r"""A masked multilayer perceptron: ``x -> params`` with a rank-based dependency structure.
+
+    Arguments:
+        in_ranks: integer rank of each input dimension, shape ``(D,)``.
+        out_ranks: rank of each output dimension, shape ``(N,)``; output ``i`` may depend on
+            input ``j`` only if ``in_ranks[j] < out_ranks[i]``.
+        params_per_output: number of parameters produced for each output dimension.
+        hidden_dims: widths of the hidden layers.
+        context_dim: size of an optional context vector every output may depend on.
+        activation: one of ``relu``, ``elu``, ``tanh``, ``silu``, ``gelu``.
+
+    The forward pass returns a tensor of shape ``(*batch, N, params_per_output)``.
+
+    Example:
+        >>> net = MaskedMLP(torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1]), 2, [8])
+        >>> net(torch.randn(5, 4)).shape
+        torch.Size([5, 2, 2])
+        >>> net.used_inputs.tolist()     # a coupling conditioner reads only the first half
+        [0, 1]
+    """
+
+    def __init__(
+        self,
+        in_ranks: Tensor,
+        out_ranks: Tensor,
+        params_per_output: int,
+        hidden_dims: Sequence[int] = (64, 64),
+        context_dim: int = 0,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        in_ranks = torch.as_tensor(in_ranks, dtype=torch.long)
+        out_ranks = torch.as_tensor(out_ranks, dtype=torch.long)
+        if activation not in _ACTIVATIONS:
+            choices = sorted(_ACTIVATIONS)
+            raise ValueError(f"unknown activation {activation!r}; choose from {choices}")
+        self.num_outputs = len(out_ranks)
+        self.params_per_output = params_per_output
+        self.context_dim = context_dim
+
+        # Drop inputs that no output may depend on.
+        max_out = int(out_ranks.max()) if len(out_ranks) else 0
+        used = torch.nonzero(in_ranks < max_out).flatten()
+        self.register_buffer("used_inputs", used)
+        self.all_inputs_used = len(used) == len(in_ranks)
+        ranks = in_ranks[used]
+        # Context features have rank -1: every unit may see them.
+        ranks = torch.cat([ranks, torch.full((context_dim,), -1, dtype=torch.long)])
+
+        # Hidden units spread evenly over the ranks of the used inputs (MADE's degrees); a layer
+        # at least as wide as the number of ranks gives every rank a unit.
+        levels = torch.unique(in_ranks[used]) if len(used) else torch.zeros(1, dtype=torch.long)
+        if context_dim and len(out_ranks):
+            # Units that see only the context, so that the lowest-rank outputs depend on it too.
+            below = out_ranks.min().reshape(1) - 1
+            levels = torch.unique(torch.cat([below, levels]))
+        layers: list[nn.Module] = []
+        prev = ranks
+        if len(prev) == 0:  # nothing to condition on (e.g. the first dimension): params are a bias
+            hidden_dims = ()
+        for width in hidden_dims:
+            hidden = levels[torch.arange(width) * len(levels) // width]
+            layers += [MaskedLinear(prev[None, :] <= hidden[:, None]), _ACTIVATIONS[activation]()]
+            prev = hidden
+        out = out_ranks.repeat_interleave(params_per_output)
+        if len(prev) == 0:
+            head = Bias(len(out))
+        else:
+            head = MaskedLinear(prev[None, :] < out[:, None])
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        self.net = nn.Sequential(*layers, head)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if not self.all_inputs_used:
+            x = x.index_select(-1, self.used_inputs)
+        if self.context_dim:
+            if context is None:
+                raise ValueError("this conditioner needs a context: call .condition(context)")
+            shape = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+            x = torch.cat([x.expand(*shape, -1), context.expand(*shape, -1)], dim=-1)
+        return self.net(x).unflatten(-1, (self.num_outputs, self.params_per_output))

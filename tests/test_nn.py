@@ -1,0 +1,55 @@
+import torch
+
+from pyroflows.transforms.nn import MaskedMLP
+
+
+def dependency(net, dim):
+    """Which inputs each output's parameters depend on, from the Jacobian."""
+    jac = torch.autograd.functional.jacobian(lambda x: net(x).sum(-1), torch.randn(dim))
+    return jac.abs() > 0
+
+
+def perturbed(net):
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    return net
+
+
+def test_autoregressive_masks_respect_ranks():
+    ranks = torch.tensor([3, 1, 4, 2, 5])
+    net = perturbed(MaskedMLP(ranks, ranks, 2, hidden_dims=[20, 20], activation="tanh"))
+    allowed = ranks[None, :] < ranks[:, None]
+    deps = dependency(net, 5)
+    assert not (deps & ~allowed).any()  # never looks ahead
+    assert deps[allowed].all()  # and sees everything it may (wide enough hidden layers)
+
+
+def test_narrow_hidden_layers_still_respect_ranks():
+    ranks = torch.arange(1, 21)
+    net = perturbed(MaskedMLP(ranks, ranks, 1, hidden_dims=[4], activation="tanh"))
+    deps = dependency(net, 20)
+    assert not (deps & ~(ranks[None, :] < ranks[:, None])).any()
+    assert deps[-1, :-1].sum() >= 4  # the last output still sees the spread of earlier inputs
+
+
+def test_coupling_conditioner_is_dense_on_the_conditioning_half():
+    net = MaskedMLP(torch.tensor([0, 0, 0, 1, 1]), torch.tensor([1, 1]), 3, hidden_dims=[8])
+    assert net.used_inputs.tolist() == [0, 1, 2]
+    assert all(getattr(m, "dense", True) for m in net.modules())
+
+
+def test_zero_initialised_output_and_context():
+    net = MaskedMLP(torch.arange(1, 4), torch.arange(1, 4), 2, hidden_dims=[8], context_dim=2)
+    out = net(torch.randn(7, 3), torch.randn(2))
+    assert out.shape == (7, 3, 2) and torch.equal(out, torch.zeros_like(out))
+    perturbed(net)
+    x = torch.randn(3)
+    first = net(x, torch.zeros(2))[0]
+    assert not torch.allclose(first, net(x, torch.ones(2))[0])  # the first dim sees the context
+
+
+def test_nothing_to_condition_on_gives_learnable_constants():
+    net = MaskedMLP(torch.tensor([1]), torch.tensor([1]), 4, hidden_dims=[8])
+    assert net(torch.randn(6, 1)).shape == (6, 1, 4)
+    assert [n for n, _ in net.named_parameters()] == ["net.0.bias"]
