@@ -25,7 +25,7 @@ from . import (  # noqa: F401  (importing a family module registers it)
     sylvester,
 )
 from .autoregressive import ConditionalMaskedAutoregressive, MaskedAutoregressive, masked_layer
-from .base import NoInverse, Stack, VectorTransformModule
+from .base import Stack, VectorTransformModule
 from .bnaf import BlockAutoregressive
 from .householder import Householder
 from .linear import LULinear, Permutation
@@ -48,7 +48,6 @@ __all__ = [
     "LULinear",
     "MaskedAutoregressive",
     "MaskedMLP",
-    "NoInverse",
     "Permutation",
     "Planar",
     "Radial",

@@ -72,7 +72,6 @@ class MaskedAutoregressive(VectorTransformModule):
         self.register_buffer("transformed", transformed)
         self.transforms_all = len(transformed) == len(ranks)
         self.passes = len(torch.unique(ranks[transformed]))
-        self._cached_ladj = None
 
     # F(z) = tau(z; h(z)) is the map the conditioner evaluates in one pass.
     def _parallel_map(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,27 +95,20 @@ class MaskedAutoregressive(VectorTransformModule):
         base = base.expand(*values.shape[:-1], base.shape[-1])
         return base.index_copy(-1, self.transformed, values)
 
-    def _call(self, x: Tensor) -> Tensor:
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.parallel == "forward":
-            y, ladj = self._parallel_map(x)
-        else:
-            y, ladj = self._sequential_solve(x)
-        self._cached_ladj = (x, y, ladj)
-        return y
+            return self._parallel_map(x)
+        return self._sequential_solve(x)  # y solves F(y) = x; its log|dy/dx| is the forward one
 
-    def _inverse(self, y: Tensor) -> Tensor:
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.parallel == "forward":
-            x, ladj_inv = self._sequential_solve(y)
+            x, log_det_inverse = self._sequential_solve(y)
         else:
-            x, ladj_inv = self._parallel_map(y)
-        self._cached_ladj = (x, y, -ladj_inv)
-        return x
+            x, log_det_inverse = self._parallel_map(y)
+        return x, -log_det_inverse
 
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        cached = self._cached_ladj
-        if cached is not None and cached[0] is x and cached[1] is y:
-            return cached[2]
-        # Recompute from whichever side is one pass.
+    def log_det_from(self, x: Tensor, y: Tensor) -> Tensor:
+        # Whichever side is one pass.
         if self.parallel == "forward":
             return self._parallel_map(x)[1]
         return -self._parallel_map(y)[1]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import logsigmoid
 
-from .base import NoInverse
+from .base import VectorTransformModule
 from .registry import register
 
 __all__ = ["BlockAutoregressive", "bnaf"]
@@ -51,7 +51,7 @@ class BlockLinear(nn.Module):
         return x @ weight.T + self.bias, log_diag
 
 
-class BlockAutoregressive(NoInverse):
+class BlockAutoregressive(VectorTransformModule):
     r"""``y = (1 - g) x + g f(x)`` with ``f`` a block neural autoregressive network.
 
     ``f`` interleaves :class:`BlockLinear` layers (``hidden_factors[k]`` units per dimension)
@@ -81,9 +81,8 @@ class BlockAutoregressive(NoInverse):
             BlockLinear(input_dim, a, b) for a, b in itertools.pairwise(factors)
         )
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
-        self._cached_ladj = None
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = x
         log_jac = x.new_zeros(*x.shape, 1)  # log d h_block / d x_i, shape (..., D, units)
         for k, layer in enumerate(self.layers):
@@ -98,17 +97,6 @@ class BlockAutoregressive(NoInverse):
         y = (1.0 - gate) * x + gate * h
         log_diag = torch.logaddexp(logsigmoid(-self.gate), logsigmoid(self.gate) + log_jac[..., 0])
         return y, log_diag.sum(-1)
-
-    def _call(self, x: Tensor) -> Tensor:
-        y, ladj = self._forward(x)
-        self._cached_ladj = (x, y, ladj)
-        return y
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        cached = self._cached_ladj
-        if cached is not None and cached[0] is x and cached[1] is y:
-            return cached[2]
-        return self._forward(x)[1]
 
     def extra_repr(self) -> str:
         factors = [layer.out_factor for layer in self.layers[:-1]]

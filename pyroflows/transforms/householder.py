@@ -44,14 +44,11 @@ class Householder(VectorTransformModule):
         half = torch.empty((count + 1) // 2, input_dim).uniform_(-bound, bound)
         self.vectors = nn.Parameter(half.repeat_interleave(2, dim=0)[:count].clone())
 
-    def _call(self, x: Tensor) -> Tensor:
-        return reflect(x, self.vectors)
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return reflect(x, self.vectors), x.new_zeros(x.shape[:-1])
 
-    def _inverse(self, y: Tensor) -> Tensor:
-        return reflect(y, self.vectors.flip(0))
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        return x.new_zeros(x.shape[:-1])
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return reflect(y, self.vectors.flip(0)), y.new_zeros(y.shape[:-1])
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, count={len(self.vectors)}"

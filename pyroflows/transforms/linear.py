@@ -47,11 +47,13 @@ class LULinear(VectorTransformModule):
         lower, upper = self._factors()
         return (lower @ upper)[self.permutation]
 
-    def _call(self, x: Tensor) -> Tensor:
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y = x @ self.weight().T
-        return y if self.bias is None else y + self.bias
+        if self.bias is not None:
+            y = y + self.bias
+        return y, self.log_diag.sum().expand(x.shape[:-1])
 
-    def _inverse(self, y: Tensor) -> Tensor:
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         lower, upper = self._factors()
         if self.bias is not None:
             y = y - self.bias
@@ -61,10 +63,7 @@ class LULinear(VectorTransformModule):
         z = z.reshape(-1, self.input_dim)
         z = torch.linalg.solve_triangular(lower.T, z, upper=True, left=False, unitriangular=True)
         z = torch.linalg.solve_triangular(upper.T, z, upper=False, left=False)
-        return z.reshape(shape)
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.log_diag.sum().expand(x.shape[:-1])
+        return z.reshape(shape), self.log_diag.sum().expand(shape[:-1])
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, bias={self.bias is not None}"
@@ -90,14 +89,11 @@ class Permutation(VectorTransformModule):
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", permutation.argsort())
 
-    def _call(self, x: Tensor) -> Tensor:
-        return x[..., self.permutation]
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x[..., self.permutation], x.new_zeros(x.shape[:-1])
 
-    def _inverse(self, y: Tensor) -> Tensor:
-        return y[..., self.inverse_permutation]
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        return x.new_zeros(x.shape[:-1])
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return y[..., self.inverse_permutation], y.new_zeros(y.shape[:-1])
 
     def extra_repr(self) -> str:
         return f"permutation={self.permutation.tolist()}"

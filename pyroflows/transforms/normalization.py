@@ -41,16 +41,15 @@ class ActNorm(VectorTransformModule):
         self.shift.copy_(-flat.mean(0) / std)
         self.initialized.fill_(True)
 
-    def _call(self, x: Tensor) -> Tensor:
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if not self.initialized and x.reshape(-1, self.input_dim).shape[0] > 1:
             self._initialize(x)
-        return x * self.log_scale.exp() + self.shift
+        y = x * self.log_scale.exp() + self.shift
+        return y, self.log_scale.sum().expand(x.shape[:-1])
 
-    def _inverse(self, y: Tensor) -> Tensor:
-        return (y - self.shift) * (-self.log_scale).exp()
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.log_scale.sum().expand(x.shape[:-1])
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = (y - self.shift) * (-self.log_scale).exp()
+        return x, self.log_scale.sum().expand(y.shape[:-1])
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, initialized={bool(self.initialized)}"

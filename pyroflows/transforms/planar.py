@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import softplus
 
-from .base import NoInverse
+from .base import VectorTransformModule
 from .registry import register
 
 __all__ = ["Planar", "planar"]
@@ -16,7 +16,7 @@ __all__ = ["Planar", "planar"]
 _SOFTPLUS_INV_1 = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_INV_1) == 1
 
 
-class Planar(NoInverse):
+class Planar(VectorTransformModule):
     r"""``y = x + u_hat * tanh(w^T x + b)``, invertible because ``w^T u_hat > -1``.
 
     The constraint is enforced by Rezende & Mohamed's parametrisation
@@ -46,12 +46,11 @@ class Planar(NoInverse):
         wu = self.w.dot(self.u)
         return self.u + (softplus(wu) - 1.0 - wu) * self.w / self.w.dot(self.w)
 
-    def _call(self, x: Tensor) -> Tensor:
-        return x + self.u_hat() * torch.tanh(x @ self.w + self.bias)[..., None]
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        u_hat = self.u_hat()
         activation = torch.tanh(x @ self.w + self.bias)
-        return torch.log1p((1.0 - activation**2) * self.w.dot(self.u_hat()))
+        y = x + u_hat * activation[..., None]
+        return y, torch.log1p((1.0 - activation**2) * self.w.dot(u_hat))
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}"

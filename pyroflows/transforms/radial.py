@@ -8,13 +8,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import softplus
 
-from .base import NoInverse
+from .base import VectorTransformModule
 from .registry import register
 
 __all__ = ["Radial", "radial"]
 
 
-class Radial(NoInverse):
+class Radial(VectorTransformModule):
     r"""``y = x + beta * (x - x0) / (alpha + |x - x0|)``, invertible because ``beta > -alpha``.
 
     ``alpha = softplus(a)`` and ``beta = softplus(b) - alpha`` enforce the constraint. With
@@ -36,24 +36,18 @@ class Radial(NoInverse):
         self.alpha_raw = nn.Parameter(torch.zeros(()))
         self.beta_raw = nn.Parameter(torch.zeros(()))
 
-    def _coefficients(self, x: Tensor):
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         alpha = softplus(self.alpha_raw)
         beta = softplus(self.beta_raw) - alpha
         diff = x - self.x0
-        r = diff.norm(dim=-1, keepdim=True)
+        r = diff.norm(dim=-1)
         h = 1.0 / (alpha + r)
-        return alpha, beta, diff, r, h
-
-    def _call(self, x: Tensor) -> Tensor:
-        _, beta, diff, _, h = self._coefficients(x)
-        return x + beta * h * diff
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        _, beta, _, r, h = self._coefficients(x)
-        beta_h = (beta * h).squeeze(-1)
+        y = x + (beta * h)[..., None] * diff
         # d/dr [beta r h(r)] = beta h - beta r h^2.
-        radial = beta_h - (beta * r * h * h).squeeze(-1)
-        return (self.input_dim - 1) * torch.log1p(beta_h) + torch.log1p(radial)
+        log_det = (self.input_dim - 1) * torch.log1p(beta * h) + torch.log1p(
+            beta * h - beta * r * h * h
+        )
+        return y, log_det
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}"

@@ -7,14 +7,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import NoInverse
+from .base import VectorTransformModule
 from .householder import default_count, reflect
 from .registry import register
 
 __all__ = ["Sylvester", "sylvester"]
 
 
-class Sylvester(NoInverse):
+class Sylvester(VectorTransformModule):
     r"""``y = x + Q R tanh(R_tilde Q^T x + b)`` (arXiv:1803.05649), ``Q`` orthogonal.
 
     ``Q`` is a product of Householder reflections; ``R`` and ``R_tilde`` are upper triangular
@@ -49,14 +49,11 @@ class Sylvester(NoInverse):
         qt_x = reflect(x, self.vectors.flip(0))
         return qt_x @ self._triangular(self.r_tilde).T + self.bias
 
-    def _call(self, x: Tensor) -> Tensor:
-        hidden = torch.tanh(self._preactivation(x)) @ self._triangular(self.r).T
-        return x + reflect(hidden, self.vectors)
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        derivative = 1.0 - torch.tanh(self._preactivation(x)) ** 2
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        activation = torch.tanh(self._preactivation(x))
+        y = x + reflect(activation @ self._triangular(self.r).T, self.vectors)
         diag = torch.tanh(self.r.diagonal()) * torch.tanh(self.r_tilde.diagonal())
-        return torch.log1p(derivative * diag).sum(-1)
+        return y, torch.log1p((1.0 - activation**2) * diag).sum(-1)
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, reflections={len(self.vectors)}"
