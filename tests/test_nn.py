@@ -5,7 +5,7 @@ from pyroflows.transforms.nn import MaskedMLP
 
 def dependency(net, dim):
     """Which inputs each output's parameters depend on, from the Jacobian."""
-    jac = torch.autograd.functional.jacobian(lambda x: net(x).sum(-1), torch.randn(dim))
+    jac = torch.autograd.functional.jacobian(lambda x: net(x).sum(-2), torch.randn(dim))
     return jac.abs() > 0
 
 
@@ -42,14 +42,16 @@ def test_coupling_conditioner_is_dense_on_the_conditioning_half():
 def test_zero_initialised_output_and_context():
     net = MaskedMLP(torch.arange(1, 4), torch.arange(1, 4), 2, hidden_dims=[8], context_dim=2)
     out = net(torch.randn(7, 3), torch.randn(2))
-    assert out.shape == (7, 3, 2) and torch.equal(out, torch.zeros_like(out))
+    assert out.shape == (7, 2, 3) and torch.equal(out, torch.zeros_like(out))
     perturbed(net)
     x = torch.randn(3)
-    first = net(x, torch.zeros(2))[0]
-    assert not torch.allclose(first, net(x, torch.ones(2))[0])  # the first dim sees the context
+    first = net(x, torch.zeros(2))[..., 0]
+    assert not torch.allclose(
+        first, net(x, torch.ones(2))[..., 0]
+    )  # the first dim sees the context
 
 
 def test_nothing_to_condition_on_gives_learnable_constants():
     net = MaskedMLP(torch.tensor([1]), torch.tensor([1]), 4, hidden_dims=[8])
-    assert net(torch.randn(6, 1)).shape == (6, 1, 4)
+    assert net(torch.randn(6, 1)).shape == (6, 4, 1)
     assert [n for n, _ in net.named_parameters()] == ["net.0.bias"]

@@ -21,7 +21,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor
 
 from .base import VectorTransformModule
-from .nn import MaskedMLP
+from .nn import MaskedMLP, _as_slice
 from .registry import register
 from .transformers import Affine, RationalQuadraticSpline, Transformer
 
@@ -71,6 +71,9 @@ class MaskedAutoregressive(VectorTransformModule):
         transformed = torch.nonzero(ranks > 0).flatten()
         self.register_buffer("transformed", transformed)
         self.transforms_all = len(transformed) == len(ranks)
+        # Coupling halves are contiguous blocks: then slicing and cat replace gather/scatter.
+        block = _as_slice(transformed)
+        self.block = None if self.transforms_all or block is None else block
         self.passes = len(torch.unique(ranks[transformed]))
 
     # F(z) = tau(z; h(z)) is the map the conditioner evaluates in one pass.
@@ -79,12 +82,17 @@ class MaskedAutoregressive(VectorTransformModule):
         if self.transforms_all:
             out, ladj = self.transformer.forward(z, params)
             return out, ladj.sum(-1)
-        zt, ladj = self.transformer.forward(z.index_select(-1, self.transformed), params)
+        zt, ladj = self.transformer.forward(self._gather(z), params)
         return self._scatter(z, zt), ladj.sum(-1)
+
+    def _gather(self, z: Tensor) -> Tensor:
+        if self.block is not None:
+            return z[..., self.block]
+        return z.index_select(-1, self.transformed)
 
     # Solves F(z) = v for z, fixing one more rank each pass; returns z and log|dz/dv|.
     def _sequential_solve(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        vt = v if self.transforms_all else v.index_select(-1, self.transformed)
+        vt = v if self.transforms_all else self._gather(v)
         z = v
         for _ in range(self.passes):
             zt, ladj = self.transformer.inverse(vt, self.conditioner(z, self.context))
@@ -93,6 +101,10 @@ class MaskedAutoregressive(VectorTransformModule):
 
     def _scatter(self, base: Tensor, values: Tensor) -> Tensor:
         base = base.expand(*values.shape[:-1], base.shape[-1])
+        if self.block is not None:
+            return torch.cat(
+                [base[..., : self.block.start], values, base[..., self.block.stop :]], -1
+            )
         return base.index_copy(-1, self.transformed, values)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -63,8 +63,11 @@ class VectorTransformModule(TransformModule):
         return self.forward_and_log_det(x)[1]
 
     def _param_version(self) -> int:
-        # In-place updates (optimizer steps, load_state_dict) bump a tensor's version counter.
-        return sum(p._version for p in self.parameters())
+        # In-place updates (optimizer steps, load_state_dict, .to()) bump a tensor's version.
+        params = self.__dict__.get("_param_tuple")
+        if params is None:  # collected once: walking the module tree every call is slow
+            params = self.__dict__["_param_tuple"] = tuple(self.parameters())
+        return sum(p._version for p in params)
 
     def _valid(self, memo: _Memo | None) -> bool:
         return (

@@ -90,10 +90,10 @@ class Permutation(VectorTransformModule):
         self.register_buffer("inverse_permutation", permutation.argsort())
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return x[..., self.permutation], x.new_zeros(x.shape[:-1])
+        return x.index_select(-1, self.permutation), x.new_zeros(x.shape[:-1])
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return y[..., self.inverse_permutation], y.new_zeros(y.shape[:-1])
+        return y.index_select(-1, self.inverse_permutation), y.new_zeros(y.shape[:-1])
 
     def extra_repr(self) -> str:
         return f"permutation={self.permutation.tolist()}"

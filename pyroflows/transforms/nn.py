@@ -25,6 +25,13 @@ __all__ = ["MaskedMLP"]
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
+def _as_slice(index: Tensor) -> slice | None:
+    """``slice(a, b)`` if ``index`` is ``a, a + 1, ..., b - 1``, else None."""
+    if len(index) and torch.equal(index, torch.arange(int(index[0]), int(index[0]) + len(index))):
+        return slice(int(index[0]), int(index[0]) + len(index))
+    return None
+
+
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed 0/1 mask (skipped when all ones)."""
 
@@ -62,11 +69,12 @@ class MaskedMLP(nn.Module):
         context_dim: size of an optional context vector every output may depend on.
         activation: one of ``relu``, ``elu``, ``tanh``, ``silu``, ``gelu``.
 
-    The forward pass returns a tensor of shape ``(*batch, N, params_per_output)``.
+    The forward pass returns a tensor of shape ``(*batch, params_per_output, N)``: each
+    parameter's values for all outputs are contiguous, which keeps elementwise transformers fast.
 
     Example:
         >>> net = MaskedMLP(torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1]), 2, [8])
-        >>> net(torch.randn(5, 4)).shape
+        >>> net(torch.randn(5, 4)).shape        # (batch, params per output, outputs)
         torch.Size([5, 2, 2])
         >>> net.used_inputs.tolist()     # a coupling conditioner reads only the first half
         [0, 1]
@@ -96,6 +104,8 @@ class MaskedMLP(nn.Module):
         used = torch.nonzero(in_ranks < max_out).flatten()
         self.register_buffer("used_inputs", used)
         self.all_inputs_used = len(used) == len(in_ranks)
+        # A contiguous block of inputs (the usual coupling half) is read as a view.
+        self.used_slice = _as_slice(used)
         ranks = in_ranks[used]
         # Context features have rank -1: every unit may see them.
         ranks = torch.cat([ranks, torch.full((context_dim,), -1, dtype=torch.long)])
@@ -115,7 +125,7 @@ class MaskedMLP(nn.Module):
             hidden = levels[torch.arange(width) * len(levels) // width]
             layers += [MaskedLinear(prev[None, :] <= hidden[:, None]), _ACTIVATIONS[activation]()]
             prev = hidden
-        out = out_ranks.repeat_interleave(params_per_output)
+        out = out_ranks.repeat(params_per_output)  # parameter-major: (P, N) after reshaping
         if len(prev) == 0:
             head = Bias(len(out))
         else:
@@ -125,11 +135,13 @@ class MaskedMLP(nn.Module):
         self.net = nn.Sequential(*layers, head)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        if not self.all_inputs_used:
+        if self.used_slice is not None:
+            x = x[..., self.used_slice]
+        elif not self.all_inputs_used:
             x = x.index_select(-1, self.used_inputs)
         if self.context_dim:
             if context is None:
                 raise ValueError("this conditioner needs a context: call .condition(context)")
             shape = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
             x = torch.cat([x.expand(*shape, -1), context.expand(*shape, -1)], dim=-1)
-        return self.net(x).unflatten(-1, (self.num_outputs, self.params_per_output))
+        return self.net(x).unflatten(-1, (self.params_per_output, self.num_outputs))

@@ -26,34 +26,32 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn.functional import softmax, softplus
+from torch.nn.functional import softplus
 
 __all__ = ["SplineKnots", "spline_forward", "spline_inverse", "spline_knots"]
 
 
 class SplineKnots(NamedTuple):
-    """Knot positions ``xs``, ``ys`` (``K + 1`` each) and knot derivatives (``K + 1``)."""
+    """Knots of a batch of splines: ``table[..., 0/1/2, k]`` holds x, y and slope of knot ``k``.
 
-    xs: Tensor
-    ys: Tensor
-    derivatives: Tensor
+    ``K`` bins have ``K + 1`` knots; the first and last are ``(-bound, -bound)`` and
+    ``(bound, bound)`` with slope 1.
+    """
+
+    table: Tensor
     bound: float
 
+    @property
+    def xs(self) -> Tensor:
+        return self.table[..., 0, :]
 
-def _cumulative_knots(unnormalized: Tensor, bound: float, min_bin: float) -> Tensor:
-    k = unnormalized.shape[-1]
-    widths = min_bin + (1.0 - min_bin * k) * softmax(unnormalized, dim=-1)
-    knots = torch.nn.functional.pad(torch.cumsum(widths, dim=-1), (1, 0))
-    knots = 2.0 * bound * knots - bound
-    # Pin the ends exactly, so rounding in the cumsum cannot leave a gap at the boundary.
-    return torch.cat(
-        [
-            knots.new_full(knots[..., :1].shape, -bound),
-            knots[..., 1:-1],
-            knots.new_full(knots[..., :1].shape, bound),
-        ],
-        dim=-1,
-    )
+    @property
+    def ys(self) -> Tensor:
+        return self.table[..., 1, :]
+
+    @property
+    def derivatives(self) -> Tensor:
+        return self.table[..., 2, :]
 
 
 def spline_knots(
@@ -78,30 +76,50 @@ def spline_knots(
     k = unnormalized_widths.shape[-1]
     if min_bin * k >= 1.0:
         raise ValueError(f"min_bin={min_bin} is too large for {k} bins")
-    xs = _cumulative_knots(unnormalized_widths, bound, min_bin)
-    ys = _cumulative_knots(unnormalized_heights, bound, min_bin)
+    u = torch.stack([unnormalized_widths, unnormalized_heights], dim=-2)
+    centre, cumulate = _bin_matrices(k, min_bin, u)
+    # Bin sizes are min_bin + (1 - K min_bin) softmax(u). Row sums and cumulative sums over K
+    # are done as tiny matmuls: torch's CPU reductions over a short last dimension are several
+    # times slower. Centring (not max-subtraction) keeps exp in range; clamping at 80 only
+    # matters where logits differ by more than 80, where the softmax is one-hot anyway.
+    e = (u - u @ centre).clamp(max=80.0).exp()
+    cumulative = e @ cumulate  # (..., K + 1): 0, then running sums with the min_bin floor
+    # Dividing by the last entry pins the last knot at exactly +bound.
+    knots = (cumulative / cumulative[..., -1:]) * (2.0 * bound) - bound
     # Shift so that a zero input gives slope exactly 1: softplus(0 + c) = 1 - min_derivative.
     shift = math.log(math.expm1(1.0 - min_derivative))
-    inner = min_derivative + softplus(unnormalized_derivatives + shift)
-    ones = inner.new_ones(inner[..., :1].shape)
-    return SplineKnots(xs, ys, torch.cat([ones, inner, ones], dim=-1), bound)
+    inner = min_derivative + softplus(unnormalized_derivatives.contiguous() + shift)
+    slopes = torch.nn.functional.pad(inner, (1, 1), value=1.0)
+    return SplineKnots(torch.cat([knots, slopes[..., None, :]], dim=-2), bound)
 
 
-def _bin_parameters(knots: SplineKnots, index: Tensor):
-    """Gather left edge, width, bottom, height and both slopes of the selected bin."""
-
-    def take(t: Tensor, offset: int = 0) -> Tensor:
-        t = t.expand(*index.shape[:-1], t.shape[-1])
-        return torch.gather(t, -1, index + offset).squeeze(-1)
-
-    x0, x1 = take(knots.xs), take(knots.xs, 1)
-    y0, y1 = take(knots.ys), take(knots.ys, 1)
-    return x0, x1 - x0, y0, y1 - y0, take(knots.derivatives), take(knots.derivatives, 1)
+_MATRICES: dict = {}
 
 
-def _search(edges: Tensor, value: Tensor) -> Tensor:
-    # Number of interior edges at or below the value = the bin index, in [0, K - 1].
-    return (value[..., None] >= edges[..., 1:-1]).sum(dim=-1, keepdim=True)
+def _bin_matrices(k: int, min_bin: float, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Constant matrices: row mean, and the cumulative sum of ``e + c sum(e)``."""
+    key = (k, min_bin, like.dtype, like.device)
+    if key not in _MATRICES:
+        centre = torch.full((k, k), 1.0 / k, dtype=like.dtype, device=like.device)
+        # column j sums e_i for i < j, plus c * j * sum(e) for the min_bin floor
+        c = min_bin / (1.0 - min_bin * k)
+        j = torch.arange(k + 1, dtype=like.dtype, device=like.device)
+        below = (torch.arange(k, device=like.device)[:, None] < j[None, :]).to(like.dtype)
+        _MATRICES[key] = (centre, below + c * j)
+    return _MATRICES[key]
+
+
+def _bin_parameters(knots: SplineKnots, edges: Tensor, value: Tensor):
+    """Left edge, width, bottom, height and both slopes of the bin holding ``value``."""
+    # The bin index is the number of interior edges at or below the value, in [0, K - 1].
+    index = (value[..., None] >= edges[..., 1:-1]).sum(dim=-1)
+    table = knots.table.expand(*index.shape, *knots.table.shape[-2:])
+    index = index[..., None, None].expand(*index.shape, 3, 1)
+    left = torch.gather(table, -1, index).squeeze(-1)
+    right = torch.gather(table, -1, index + 1).squeeze(-1)
+    x0, y0, d0 = left.unbind(-1)
+    x1, y1, d1 = right.unbind(-1)
+    return x0, x1 - x0, y0, y1 - y0, d0, d1
 
 
 def spline_forward(x: Tensor, knots: SplineKnots) -> tuple[Tensor, Tensor]:
@@ -109,7 +127,7 @@ def spline_forward(x: Tensor, knots: SplineKnots) -> tuple[Tensor, Tensor]:
     bound = knots.bound
     inside = (x > -bound) & (x < bound)
     xc = x.clamp(-bound, bound)
-    x0, w, y0, h, d0, d1 = _bin_parameters(knots, _search(knots.xs, xc))
+    x0, w, y0, h, d0, d1 = _bin_parameters(knots, knots.xs, xc)
     s = h / w
     t = ((xc - x0) / w).clamp(0.0, 1.0)
     t1 = t * (1.0 - t)
@@ -124,7 +142,7 @@ def spline_inverse(y: Tensor, knots: SplineKnots) -> tuple[Tensor, Tensor]:
     bound = knots.bound
     inside = (y > -bound) & (y < bound)
     yc = y.clamp(-bound, bound)
-    x0, w, y0, h, d0, d1 = _bin_parameters(knots, _search(knots.ys, yc))
+    x0, w, y0, h, d0, d1 = _bin_parameters(knots, knots.ys, yc)
     s = h / w
     dy = yc - y0
     skew = d0 + d1 - 2.0 * s

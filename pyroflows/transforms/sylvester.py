@@ -44,14 +44,14 @@ class Sylvester(VectorTransformModule):
     def _triangular(raw: Tensor) -> Tensor:
         return raw.triu(1) + torch.diag(torch.tanh(raw.diagonal()))
 
-    def _preactivation(self, x: Tensor) -> Tensor:
-        # Q^T x applies the reflections in reverse order; rows @ M^T is M applied to columns.
-        qt_x = reflect(x, self.vectors.flip(0))
-        return qt_x @ self._triangular(self.r_tilde).T + self.bias
-
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        activation = torch.tanh(self._preactivation(x))
-        y = x + reflect(activation @ self._triangular(self.r).T, self.vectors)
+        # Q is formed once (reflecting the identity's rows gives Q^T), then used in two matmuls:
+        # fewer and larger ops than reflecting every batch row through every vector twice.
+        eye = torch.eye(self.input_dim, dtype=x.dtype, device=x.device)
+        q_t = reflect(eye, self.vectors)
+        preactivation = x @ (self._triangular(self.r_tilde) @ q_t).T + self.bias
+        activation = torch.tanh(preactivation)
+        y = x + activation @ (q_t.T @ self._triangular(self.r)).T
         diag = torch.tanh(self.r.diagonal()) * torch.tanh(self.r_tilde.diagonal())
         return y, torch.log1p((1.0 - activation**2) * diag).sum(-1)
 

@@ -1,12 +1,12 @@
 r"""Elementwise monotone bijections ("transformers") whose parameters a conditioner sets.
 
-Each transformer maps ``x`` with parameters ``params`` of shape ``(..., D, num_params)`` to
+Each transformer maps ``x`` with parameters ``params`` of shape ``(..., num_params, D)`` to
 ``y`` and the elementwise ``log |dy/dx|``, and back. Zero parameters give the identity, so a
 zero-initialised conditioner makes the whole layer the identity.
 
 Example:
     >>> t = Affine()
-    >>> y, ladj = t.forward(torch.ones(2), torch.zeros(2, t.num_params))
+    >>> y, ladj = t.forward(torch.ones(2), torch.zeros(t.num_params, 2))
     >>> y.tolist(), ladj.tolist()
     ([1.0, 1.0], [0.0, 0.0])
 """
@@ -23,7 +23,7 @@ __all__ = ["Additive", "Affine", "RationalQuadraticSpline", "Transformer", "soft
 
 def soft_clip(x: Tensor, bound: float) -> Tensor:
     """A smooth clip into ``(-bound, bound)`` with slope 1 at zero: ``x / (1 + |x / bound|)``."""
-    return x / (1.0 + (x / bound).abs())
+    return x / (x.abs() * (1.0 / bound) + 1.0)
 
 
 class Transformer:
@@ -48,11 +48,11 @@ class Additive(Transformer):
     num_params = 1
 
     def forward(self, x, params):
-        y = x + params[..., 0]
+        y = x + params[..., 0, :]
         return y, torch.zeros_like(y)
 
     def inverse(self, y, params):
-        x = y - params[..., 0]
+        x = y - params[..., 0, :]
         return x, torch.zeros_like(x)
 
 
@@ -69,12 +69,12 @@ class Affine(Transformer):
         self.scale_bound = scale_bound
 
     def forward(self, x, params):
-        log_scale = soft_clip(params[..., 0], self.scale_bound)
-        return x * log_scale.exp() + params[..., 1], log_scale
+        log_scale = soft_clip(params[..., 0, :], self.scale_bound)
+        return torch.addcmul(params[..., 1, :], x, log_scale.exp()), log_scale
 
     def inverse(self, y, params):
-        log_scale = soft_clip(params[..., 0], self.scale_bound)
-        return (y - params[..., 1]) * (-log_scale).exp(), -log_scale
+        log_scale = soft_clip(params[..., 0, :], self.scale_bound)
+        return (y - params[..., 1, :]) * (-log_scale).exp(), -log_scale
 
 
 class RationalQuadraticSpline(Transformer):
@@ -88,7 +88,9 @@ class RationalQuadraticSpline(Transformer):
         self.num_params = 3 * count_bins - 1
 
     def _knots(self, params):
-        widths, heights, slopes = params.split([self.count_bins] * 2 + [self.count_bins - 1], -1)
+        # the spline kernels want each dimension's bins last
+        bins = params.transpose(-1, -2)
+        widths, heights, slopes = bins.split([self.count_bins] * 2 + [self.count_bins - 1], -1)
         return spline_knots(widths, heights, slopes, self.bound)
 
     def forward(self, x, params):
