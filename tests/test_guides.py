@@ -1,0 +1,349 @@
+"""AutoFlowGuide behaves as a Pyro user expects of an autoguide."""
+
+import io
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer import (
+    SVI,
+    JitTrace_ELBO,
+    Predictive,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    config_enumerate,
+)
+from pyro.infer.autoguide import AutoGuideList, AutoNormal
+
+from pyroflows import AutoFlowGuide, init_to_median
+
+SMALL = {"hidden_dims": [16], "num_layers": 2}
+
+
+@pytest.fixture(autouse=True)
+def _clean_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def train(model, guide, *args, steps=20, lr=0.01, loss=None, **kwargs):
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss or Trace_ELBO())
+    losses = [svi.step(*args, **kwargs) for _ in range(steps)]
+    return losses
+
+
+def every_support_model(y, scale=1.0):
+    """Positive, interval, simplex, ordered, positive-ordered, corr-Cholesky, PD, matrix events."""
+    sigma = pyro.sample("sigma", dist.HalfNormal(scale))
+    rho = pyro.sample("rho", dist.Uniform(-1.0, 1.0))
+    weights = pyro.sample("weights", dist.Dirichlet(torch.ones(3)))
+    cuts = pyro.sample(
+        "cuts",
+        dist.TransformedDistribution(
+            dist.Normal(0.0, 1.0).expand([3]).to_event(1), dist.transforms.OrderedTransform()
+        ),
+    )
+    rates = pyro.sample(
+        "rates", dist.ImproperUniform(constraints.positive_ordered_vector, (), (2,))
+    )
+    chol = pyro.sample("chol", dist.LKJCholesky(3, 2.0))
+    cov = pyro.sample("cov", dist.Wishart(torch.tensor(5.0), torch.eye(2)))
+    matrix = pyro.sample("matrix", dist.Normal(torch.zeros(2, 3), 1.0).to_event(2))
+    with pyro.plate("outer", 2, dim=-2), pyro.plate("inner", 3, dim=-1):
+        nested = pyro.sample("nested", dist.Normal(0.0, 1.0))
+    pyro.deterministic("total", weights.sum())
+    mean = rho + weights[0] + cuts[0] + rates[0] + chol[1, 0] + cov[0, 0] + matrix.sum()
+    mean = mean + nested.sum()
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mean, sigma), obs=y)
+
+
+SUPPORTED = {
+    "sigma": constraints.positive,
+    "rho": constraints.interval(-1.0, 1.0),
+    "weights": constraints.simplex,
+    "cuts": constraints.ordered_vector,
+    "rates": constraints.positive_ordered_vector,
+    "chol": constraints.corr_cholesky,
+    "cov": constraints.positive_definite,
+}
+
+
+def test_every_support_event_shape_and_plate():
+    y = torch.randn(5)
+    guide = AutoFlowGuide(every_support_model, **SMALL)
+    losses = train(every_support_model, guide, y, scale=2.0, steps=5)  # args and kwargs
+    assert all(torch.isfinite(torch.tensor(losses)))
+    draws = guide(y, scale=2.0)
+    assert set(draws) == set(SUPPORTED) | {"matrix", "nested"}  # no observed/deterministic
+    assert draws["matrix"].shape == (2, 3) and draws["nested"].shape == (2, 3)
+    samples = guide.sample_posterior(200)
+    for name, support in SUPPORTED.items():
+        assert support.check(samples[name]).all(), name
+
+
+def test_untrained_guide_starts_exactly_where_autonormal_starts():
+    def model():
+        pyro.sample("a", dist.Normal(1.0, 2.0))
+        pyro.sample("b", dist.Gamma(torch.tensor([2.0, 3.0]), 1.0).to_event(1))
+
+    ours = AutoFlowGuide(model, init_scale=0.3, init_loc_fn=init_to_median)
+    theirs = AutoNormal(model, init_scale=0.3, init_loc_fn=init_to_median)
+    pyro.set_rng_seed(3)
+    ours()
+    pyro.set_rng_seed(3)
+    theirs()
+    loc = torch.cat([theirs.locs.a.reshape(-1), theirs.locs.b.reshape(-1)])
+    scale = torch.cat([theirs.scales.a.reshape(-1), theirs.scales.b.reshape(-1)])
+    assert torch.allclose(ours.loc, loc) and torch.allclose(ours.scale, scale)
+    # identity flow: q is exactly Normal(loc, scale) in unconstrained space
+    z = ours.get_posterior().sample((1000,))
+    expected = dist.Normal(loc, scale).to_event(1).log_prob(z)
+    assert torch.allclose(ours.get_posterior().log_prob(z), expected, atol=1e-4)
+
+
+def test_flat_improper_priors_initialise():
+    def model(y):
+        mu = pyro.sample("mu", dist.ImproperUniform(constraints.real, (), ()))
+        sigma = pyro.sample("sigma", dist.ImproperUniform(constraints.positive, (), ()))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+    guide = AutoFlowGuide(model, **SMALL)
+    train(model, guide, torch.randn(20) + 3.0, steps=3)
+    assert torch.allclose(guide._init_loc(), torch.zeros(2))
+
+
+def test_dependent_support_is_refused_naming_the_site():
+    def model():
+        a = pyro.sample("a", dist.Uniform(0.0, 1.0))
+        pyro.sample("b", dist.Uniform(0.0, 1.0 - a))
+
+    with pytest.raises(ValueError, match=r"support of latent site 'b'.*depends on other latent"):
+        AutoFlowGuide(model)()
+
+
+def test_median_and_quantiles_of_a_known_distribution():
+    def model():
+        pyro.sample("s", dist.LogNormal(0.0, 1.0))
+
+    guide = AutoFlowGuide(model, init_scale=0.5)
+    guide()
+    median = guide.median()["s"]
+    assert torch.allclose(median, guide.loc.exp(), rtol=0.03)  # median of a LogNormal
+    q = guide.quantiles([0.1, 0.9])["s"]
+    exact = (guide.loc + 0.5 * torch.tensor([-1.2816, 1.2816])).exp()
+    assert torch.allclose(q.squeeze(-1), exact, rtol=0.05)
+    assert torch.equal(guide.median()["s"], median)  # fixed seed: repeatable
+
+
+def regression_model(x, y=None):
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    with pyro.plate("data", len(x)):
+        # (x * w).sum(-1) rather than x @ w: broadcasts over vectorised particles
+        return pyro.sample("y", dist.Normal((x * w).sum(-1), 0.5), obs=y)
+
+
+def line_model(x, y=None):
+    # scalar globals broadcast against the data plate, as vectorised inference needs
+    a = pyro.sample("a", dist.Normal(0.0, 2.0))
+    b = pyro.sample("b", dist.Normal(0.0, 2.0))
+    s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+    pyro.deterministic("slope_squared", b**2)
+    with pyro.plate("data", len(x)):
+        return pyro.sample("y", dist.Normal(a + b * x, s), obs=y)
+
+
+def line_data():
+    x = torch.randn(10)
+    return x, 1.0 + 2.0 * x + 0.3 * torch.randn(10)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_predictive(parallel):
+    x, y = line_data()
+    guide = AutoFlowGuide(line_model, **SMALL)
+    train(line_model, guide, x, y, steps=3)
+    out = Predictive(line_model, guide=guide, num_samples=11, parallel=parallel)(x)
+    assert out["a"].numel() == 11 and out["s"].min() > 0
+    assert torch.allclose(out["slope_squared"], out["b"] ** 2)  # deterministic sites too
+    assert out["y"].shape == (11, 10)
+
+
+def test_vectorized_particles():
+    x, y = line_data()
+    guide = AutoFlowGuide(line_model, **SMALL)
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    losses = train(line_model, guide, x, y, loss=elbo, steps=3)
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+
+
+def test_jit_elbo_trains_the_guide():
+    """Pyro's own flow guides fail under JitTrace_ELBO (pyro#3132)."""
+    x, y = line_data()
+    guide = AutoFlowGuide(line_model, **SMALL)
+    losses = train(line_model, guide, x, y, loss=JitTrace_ELBO(), steps=300, lr=0.05)
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert abs(float(guide.median()["b"]) - 2.0) < 0.3  # the data were made with b = 2
+
+
+def test_enumerated_discrete_sites_are_hidden():
+    @config_enumerate
+    def mixture(y):
+        locs = pyro.sample("locs", dist.Normal(torch.tensor([-2.0, 2.0]), 1.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
+            pyro.sample("y", dist.Normal(locs[z], 0.5), obs=y)
+
+    y = torch.cat([torch.randn(10) - 2, torch.randn(10) + 2])
+    guide = AutoFlowGuide(mixture, **SMALL)
+    losses = train(mixture, guide, y, loss=TraceEnum_ELBO(max_plate_nesting=1), steps=5)
+    assert guide.latent_dim == 2 and all(map(torch.isfinite, map(torch.tensor, losses)))
+
+
+def test_discrete_site_not_enumerated_is_an_error():
+    def model():
+        pyro.sample("k", dist.Poisson(3.0))
+
+    with pytest.raises(ValueError, match="latent site 'k' is discrete"):
+        AutoFlowGuide(model)()
+
+
+def test_no_latent_sites_is_an_error():
+    def model(y):
+        pyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="no latent sample sites"):
+        AutoFlowGuide(model)(torch.tensor(0.0))
+
+
+def subsampled_model(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("data", len(y), subsample_size=5) as idx:
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("y", dist.Normal(z, 0.5), obs=y[idx])
+
+
+def test_subsampled_local_latents_are_refused_with_a_recipe():
+    with pytest.raises(ValueError, match="latent site 'z' is in the subsampled plate 'data'"):
+        AutoFlowGuide(subsampled_model)(torch.randn(20))
+
+
+def test_autoguidelist_gives_local_latents_their_own_guide():
+    y = torch.randn(20) + 1.0
+    guide = AutoGuideList(subsampled_model)
+    guide.append(AutoFlowGuide(poutine.block(subsampled_model, hide=["z"]), **SMALL))
+    guide.append(AutoNormal(poutine.block(subsampled_model, expose=["z"])))
+    losses = train(subsampled_model, guide, y, steps=5)
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert guide(y)["z"].shape == (5,)
+
+
+def test_unknown_flow_is_an_error_at_construction():
+    with pytest.raises(ValueError, match=r"unknown flow 'splines'.*nsf"):
+        AutoFlowGuide(regression_model, flow="splines")
+
+
+def test_two_guides_never_share_parameters():
+    x, y = torch.randn(10, 2), torch.randn(10)
+    first = AutoFlowGuide(regression_model, **SMALL)
+    second = AutoFlowGuide(regression_model, **SMALL)
+    assert first._pyro_name != second._pyro_name
+    train(regression_model, first, x, y, steps=3)
+    second(x, y)
+    before = second.loc.detach().clone()
+    train(regression_model, first, x, y, steps=5, lr=0.1)
+    assert torch.equal(second.loc.detach(), before)
+
+
+def test_a_name_collision_in_the_store_is_an_error():
+    x, y = torch.randn(10, 2), torch.randn(10)
+    first = AutoFlowGuide(regression_model, name="shared", **SMALL)
+    first(x, y)
+    second = AutoFlowGuide(regression_model, name="shared", **SMALL)
+    with pytest.raises(RuntimeError, match="two guides share the name 'shared'"):
+        train(regression_model, second, x, y, steps=1)
+
+
+def draws(guide, *args, seed=7):
+    pyro.set_rng_seed(seed)
+    return guide(*args)["w"]
+
+
+def test_state_dict_loads_into_a_fresh_guide_without_a_call():
+    x, y = torch.randn(10, 2), torch.randn(10)
+    trained = AutoFlowGuide(regression_model, **SMALL)
+    train(regression_model, trained, x, y, steps=20, lr=0.05)
+    state = trained.state_dict()
+    expected = draws(trained, x, y)
+
+    pyro.clear_param_store()
+    untrained = AutoFlowGuide(regression_model, **SMALL)
+    assert not torch.allclose(draws(untrained, x, y), expected)  # differs before loading
+
+    pyro.clear_param_store()
+    fresh = AutoFlowGuide(regression_model, **SMALL)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer))  # never called before
+    assert torch.equal(draws(fresh, x, y), expected)
+
+
+def test_whole_guide_pickles():
+    x, y = torch.randn(10, 2), torch.randn(10)
+    guide = AutoFlowGuide(regression_model, **SMALL)
+    train(regression_model, guide, x, y, steps=5)
+    buffer = io.BytesIO()
+    torch.save(guide, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(draws(loaded, x, y), draws(guide, x, y))
+
+
+def test_state_dict_from_another_model_is_refused():
+    x, y = torch.randn(10, 2), torch.randn(10)
+    guide = AutoFlowGuide(regression_model, **SMALL)
+    guide(x, y)
+
+    def other(y):
+        pyro.sample("v", dist.Normal(0.0, 1.0))
+
+    other_guide = AutoFlowGuide(other, **SMALL)
+    other_guide(y)
+    with pytest.raises(
+        ValueError, match=r"other latent sites: it has w\[2\], this model has v\[\]"
+    ):
+        other_guide.load_state_dict(guide.state_dict())
+    fresh = AutoFlowGuide(other, **SMALL)
+    fresh.load_state_dict(guide.state_dict())
+    with pytest.raises(ValueError, match="other latent sites"):
+        fresh(y)
+
+
+def test_float64_and_device_moves():
+    x, y = torch.randn(10, 2).double(), torch.randn(10).double()
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(x @ w, 0.5), obs=y)
+
+    guide = AutoFlowGuide(model, **SMALL)
+    train(model, guide, x, y, steps=3)
+    assert guide.loc.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in guide.parameters())
+    guide.to("cpu")
+    assert guide(x, y)["w"].dtype == torch.float64
+
+
+def test_studentt_base_has_learnable_tails():
+    x, y = torch.randn(10, 2), torch.randn(10)
+    guide = AutoFlowGuide(regression_model, base="studentt", **SMALL)
+    train(regression_model, guide, x, y, steps=5, lr=0.1)
+    assert guide.df_unconstrained.grad is not None
+    assert isinstance(guide.get_base_dist().base_dist, dist.StudentT)
