@@ -5,9 +5,16 @@ Pyro semantics, settled here:
 - **An** ``AutoContinuous``. All continuous latent sites are mapped to one unconstrained
   vector with ``biject_to`` (as in ADVI), so Pyro's ``NeuTraReparam``, ``AutoGuideList``,
   ``Predictive`` and ``get_posterior`` work unchanged. The variational distribution is
-  ``base -> flow -> affine(loc, scale) -> unconstrained latent``: the flow acts in a
+  ``base -> flow -> affine(loc, L) -> unconstrained latent``: the flow acts in a
   standardised space, so spline bounds and initialisation do not depend on the posterior's
   location and scale; an identity flow leaves exactly ``AutoNormal``'s starting point.
+- **A full-rank affine.** ``L`` is lower-triangular (``affine="full"``, the default up to 200
+  latent dimensions) or diagonal (``affine="diagonal"``, the default above, where ``D^2``
+  parameters would dominate the cost). Measured: coupling flows alone, behind a diagonal
+  affine, get stuck at the mean-field solution on a correlated Gaussian posterior (sds 0.3-0.4x
+  of the truth after 3000 steps), because alternating halves never condition some pairs of
+  dimensions on each other; with ``L`` full, the guide contains ``AutoMultivariateNormal``
+  and the flow only has to model what is not linear.
 - **Lazy setup, loadable without a call.** As with every Pyro autoguide, the model is traced
   on the first call (the guide needs the model's arguments to see its sites). The latent
   layout (site names and shapes) is part of ``state_dict()``, so a fresh guide can
@@ -46,12 +53,13 @@ import math
 import weakref
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions.transforms import AffineTransform, ComposeTransform
+from pyro.distributions.transforms import AffineTransform, ComposeTransform, LowerCholeskyAffine
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.guides import AutoGuide, prototype_hide_fn
 from pyro.infer.autoguide.initialization import init_to_median as _pyro_init_to_median
@@ -64,6 +72,8 @@ from . import transforms
 __all__ = ["AutoFlowGuide", "init_to_median"]
 
 _LIVE_NAMES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+FULL_RANK_LIMIT = 200  # affine="auto": a full lower-triangular L up to this many dimensions
 
 
 def _init_to_unconstrained_zero(site):
@@ -148,6 +158,16 @@ class AutoFlowGuide(AutoContinuous):
         init_loc_fn: per-site initialisation of ``loc`` (default: prior median, or the
             constrained image of zero where the prior cannot be sampled).
         init_scale: initial ``scale`` of every unconstrained dimension.
+        affine: ``"full"`` (lower-triangular ``L``), ``"diagonal"``, or ``"auto"``: full up to
+            200 latent dimensions.
+        stl: "sticking the landing" gradients (Roeder et al. 2017, arXiv:1703.09194): the
+            guide scores its own sample with its parameters stopped, so the ELBO gradient has
+            zero variance at the optimum, under plain ``SVI`` + ``Trace_ELBO`` too. It costs
+            one inverse pass of the flow (one conditioner pass per coupling layer, ``D`` per
+            IAF layer), and needs a flow with an analytic inverse (not planar, radial,
+            Sylvester or BNAF). Off by default: measured on a conjugate regression (1500 steps,
+            lr 1e-2 to 1e-3), plain gradients reached KL 0.15 and STL 0.93, its variance far
+            from the optimum slowing the start; it pays off close to the optimum.
         create_plates: as for Pyro's autoguides.
         name: the prefix of this guide's parameters in Pyro's param store (default: a
             unique ``"AutoFlowGuide"``, ``"AutoFlowGuide_2"``, ...).
@@ -177,12 +197,16 @@ class AutoFlowGuide(AutoContinuous):
         init_scale: float = 0.1,
         create_plates=None,
         name: str | None = None,
+        affine: str = "auto",
+        stl: bool = False,
         **flow_kwargs,
     ):
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
         if base not in ("normal", "studentt"):
             raise ValueError(f"base must be 'normal' or 'studentt', got {base!r}")
+        if affine not in ("auto", "full", "diagonal"):
+            raise ValueError(f"affine must be 'auto', 'full' or 'diagonal', got {affine!r}")
         _validate_flow_spec(flow)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.create_plates = create_plates
@@ -193,6 +217,8 @@ class AutoFlowGuide(AutoContinuous):
         self._hidden_dims = hidden_dims
         self._flow_kwargs = flow_kwargs
         self._base = base
+        self._affine = affine
+        self.stl = stl
         self._init_scale = init_scale
         self._layout: list[tuple[str, tuple[int, ...]]] | None = None
         self._store_checked = False
@@ -284,13 +310,15 @@ class AutoFlowGuide(AutoContinuous):
     def _create_parameters(self, init_loc: Tensor) -> None:
         dim = len(init_loc)
         self.loc = nn.Parameter(init_loc.detach().clone())
+        # Not "*_unconstrained": PyroModule reserves that suffix and would hide the parameter
+        # from SVI's optimizer.
         raw_scale = math.log(math.expm1(self._init_scale))  # softplus(raw) == init_scale
-        self.scale_unconstrained = nn.Parameter(init_loc.new_full((dim,), raw_scale))
+        self.scale_raw = nn.Parameter(init_loc.new_full((dim,), raw_scale))
+        if self.full_rank:  # strictly lower part of L; starts at zero (L = diag(init_scale))
+            self.scale_lower = nn.Parameter(init_loc.new_zeros(dim, dim))
         if self._base == "studentt":
             # df = 1 + softplus(raw) starts at 30: nearly Gaussian, tails learnable per dimension.
-            self.df_unconstrained = nn.Parameter(
-                init_loc.new_full((dim,), math.log(math.expm1(29.0)))
-            )
+            self.df_raw = nn.Parameter(init_loc.new_full((dim,), math.log(math.expm1(29.0))))
         flow = transforms.build(
             self._flow_spec,
             dim,
@@ -298,24 +326,84 @@ class AutoFlowGuide(AutoContinuous):
             **_architecture(self._flow_spec, dim, self._hidden_dims, self._flow_kwargs),
         )
         self.flow = flow.to(dtype=init_loc.dtype, device=init_loc.device)
+        if self.stl and not _invertible(self.flow):
+            raise ValueError(
+                "stl=True needs a flow with an analytic inverse; "
+                f"{type(self.flow).__name__} has none (planar, radial, Sylvester and BNAF cannot "
+                "be inverted). Use stl=False or a coupling/autoregressive flow."
+            )
+        # Not a registered submodule: the flow is registered once, under the guide.
+        self.__dict__["_inverter"] = _FlowInverter(self.flow)
 
     # ----------------------------------------------------------------------- the posterior
     @property
+    def full_rank(self) -> bool:
+        """Whether the outer affine has a full lower-triangular ``L`` (else diagonal)."""
+        if self._affine == "auto":
+            return self.latent_dim <= FULL_RANK_LIMIT
+        return self._affine == "full"
+
+    @property
     def scale(self) -> Tensor:
-        return nn.functional.softplus(self.scale_unconstrained)
+        """The diagonal of ``L``."""
+        return nn.functional.softplus(self.scale_raw)
+
+    @property
+    def scale_tril(self) -> Tensor:
+        """``L``: lower-triangular with positive diagonal (diagonal if not full rank)."""
+        if self.full_rank:
+            return self.scale_lower.tril(-1) + torch.diag_embed(self.scale)
+        return torch.diag_embed(self.scale)
 
     def get_base_dist(self):
         zeros = torch.zeros_like(self.loc)
         if self._base == "studentt":
-            df = 1.0 + nn.functional.softplus(self.df_unconstrained)
+            df = 1.0 + nn.functional.softplus(self.df_raw)
             return dist.StudentT(df, zeros, 1.0).to_event(1)
         return dist.Normal(zeros, 1.0).to_event(1)
 
     def get_transform(self, *args, **kwargs):
-        return ComposeTransform([self.flow, AffineTransform(self.loc, self.scale, event_dim=1)])
+        # The affine caches too: scoring the guide's own sample then inverts nothing (an
+        # uncached affine would hand the flow a new tensor and force a real inverse pass).
+        if self.full_rank:
+            affine = LowerCholeskyAffine(self.loc, self.scale_tril, cache_size=1)
+        else:
+            affine = AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
+        return ComposeTransform([self.flow, affine])
 
     def get_posterior(self, *args, **kwargs):
         return dist.TransformedDistribution(self.get_base_dist(), self.get_transform())
+
+    def sample_latent(self, *args, **kwargs):
+        posterior = self.get_posterior()
+        if self.stl:
+            if torch._C._get_tracing_state():
+                raise RuntimeError(
+                    "stl=True evaluates the flow with stopped parameters through "
+                    "torch.func.functional_call, which JitTrace_ELBO cannot trace; use Trace_ELBO"
+                )
+            posterior = _StoppedScore(posterior, self._stopped_log_prob)
+        return pyro.sample(f"_{self._pyro_name}_latent", posterior, infer={"is_auxiliary": True})
+
+    def _stopped_log_prob(self, z: Tensor) -> Tensor:
+        """log q(z) with every parameter detached: gradients reach only through z."""
+        loc = self.loc.detach()
+        if self.full_rank:
+            scale_tril = self.scale_tril.detach()
+            u = torch.linalg.solve_triangular(scale_tril, (z - loc)[..., None], upper=False)
+            u = u.squeeze(-1)
+            log_det = scale_tril.diagonal().log().sum()
+        else:
+            scale = self.scale.detach()
+            u = (z - loc) / scale
+            log_det = scale.log().sum()
+        stopped = {name: p.detach() for name, p in self._inverter.named_parameters()}
+        x, flow_log_det = torch.func.functional_call(self._inverter, stopped, (u,))
+        base = self.get_base_dist()
+        if self._base == "studentt":
+            df = base.base_dist.df.detach()
+            base = dist.StudentT(df, torch.zeros_like(loc), 1.0).to_event(1)
+        return base.log_prob(x) - flow_log_det - log_det
 
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
@@ -375,9 +463,6 @@ class AutoFlowGuide(AutoContinuous):
         """Elementwise posterior medians (Monte Carlo, see :meth:`quantiles`)."""
         return {k: v[0] for k, v in self.quantiles([0.5], num_samples=num_samples).items()}
 
-    def _loc_scale(self, *args, **kwargs):
-        return self.loc, self.scale
-
     def _require_setup(self):
         if self._layout is None or not hasattr(self, "loc"):
             raise RuntimeError(
@@ -392,7 +477,7 @@ class AutoFlowGuide(AutoContinuous):
 
     # ------------------------------------------------------------------ save and load
     def get_extra_state(self):
-        return {"layout": self._layout, "base": self._base}
+        return {"layout": self._layout, "base": self._base, "full_rank": self.full_rank}
 
     def set_extra_state(self, state):
         pass  # read in _prepare_to_load, before the parameters are loaded
@@ -407,13 +492,67 @@ class AutoFlowGuide(AutoContinuous):
                 f"base={self._base!r}"
             )
         layout = [(name, tuple(shape)) for name, shape in state["layout"]]
+        self.latent_dim = sum(math.prod(shape) for _, shape in layout)
+        if state.get("full_rank") != self.full_rank:
+            kinds = ["full" if f else "diagonal" for f in (state.get("full_rank"), self.full_rank)]
+            raise ValueError(
+                f"the state dict is from a guide with a {kinds[0]} affine, this one is "
+                f"{kinds[1]}; pass affine='{kinds[0]}' to match"
+            )
         if self._layout is not None:
             _check_layout(layout, self._layout)
             return
         self._layout = layout
-        dim = sum(math.prod(shape) for _, shape in layout)
         loc = state_dict.get(prefix + "loc")
-        self._create_parameters(torch.zeros(dim, dtype=loc.dtype if loc is not None else None))
+        dtype = loc.dtype if loc is not None else None
+        self._create_parameters(torch.zeros(self.latent_dim, dtype=dtype))
+
+
+class _FlowInverter(nn.Module):
+    """``u -> (x, log|dx/du|... as the flow's forward log-det)``: the flow run backwards."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, u):
+        x = self.flow.inv(u)
+        return x, self.flow.log_abs_det_jacobian(x, u)
+
+
+class _StoppedScore(dist.TorchDistribution):
+    """The guide's posterior, scored by a function with stopped parameters (STL)."""
+
+    arg_constraints: ClassVar[dict] = {}
+    has_rsample = True
+
+    def __init__(self, posterior, log_prob_fn):
+        self.posterior = posterior
+        self.log_prob_fn = log_prob_fn
+        super().__init__(posterior.batch_shape, posterior.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.posterior.support
+
+    def rsample(self, sample_shape=()):
+        return self.posterior.rsample(torch.Size(sample_shape))
+
+    def sample(self, sample_shape=()):
+        return self.posterior.sample(torch.Size(sample_shape))
+
+    def log_prob(self, value):
+        return self.log_prob_fn(value)
+
+
+def _invertible(flow) -> bool:
+    """Whether every part of a flow of ours overrides the inverse (foreign modules: no)."""
+    parts = flow.parts if isinstance(flow, transforms.Stack) else [flow]
+    base = transforms.VectorTransformModule.inverse_and_log_det
+    return all(
+        isinstance(p, transforms.VectorTransformModule) and type(p).inverse_and_log_det is not base
+        for p in parts
+    )
 
 
 def _check_layout(expected, actual):

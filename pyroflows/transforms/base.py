@@ -66,7 +66,10 @@ class VectorTransformModule(TransformModule):
         # In-place updates (optimizer steps, load_state_dict, .to()) bump a tensor's version.
         params = self.__dict__.get("_param_tuple")
         if params is None:  # collected once: walking the module tree every call is slow
-            params = self.__dict__["_param_tuple"] = tuple(self.parameters())
+            params = tuple(self.parameters())
+            # Not while torch.func.functional_call has swapped plain tensors in.
+            if all(isinstance(p, nn.Parameter) for p in params):
+                self.__dict__["_param_tuple"] = params
         return sum(p._version for p in params)
 
     def _valid(self, memo: _Memo | None) -> bool:
@@ -123,5 +126,20 @@ class Stack(ComposeTransformModule, TransformModule):
         >>> isinstance(stack, TransformModule), len(list(stack.parameters()))
         (True, 6)
     """
+
+    def __init__(self, parts, cache_size: int = 0):
+        super().__init__(parts, cache_size=cache_size)
+        # torch recomputes a compose's (co)domain recursively on every access, and every
+        # TransformedDistribution asks several times per SVI step; the parts are fixed here.
+        self._fixed_domain = super().domain
+        self._fixed_codomain = super().codomain
+
+    @property
+    def domain(self):
+        return self._fixed_domain
+
+    @property
+    def codomain(self):
+        return self._fixed_codomain
 
     __repr__ = nn.Module.__repr__

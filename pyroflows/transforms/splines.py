@@ -82,9 +82,9 @@ def spline_knots(
     # are done as tiny matmuls: torch's CPU reductions over a short last dimension are several
     # times slower. Centring (not max-subtraction) keeps exp in range; clamping at 80 only
     # matters where logits differ by more than 80, where the softmax is one-hot anyway.
-    e = (u - u @ centre).clamp(max=80.0).exp()
+    e = (u @ centre).clamp(max=80.0).exp()
     cumulative = e @ cumulate  # (..., K + 1): 0, then running sums with the min_bin floor
-    # Dividing by the last entry pins the last knot at exactly +bound.
+    # Dividing by the last entry (c_K / c_K == 1 exactly) pins the last knot at +bound.
     knots = (cumulative / cumulative[..., -1:]) * (2.0 * bound) - bound
     # Shift so that a zero input gives slope exactly 1: softplus(0 + c) = 1 - min_derivative.
     shift = math.log(math.expm1(1.0 - min_derivative))
@@ -97,10 +97,11 @@ _MATRICES: dict = {}
 
 
 def _bin_matrices(k: int, min_bin: float, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Constant matrices: row mean, and the cumulative sum of ``e + c sum(e)``."""
+    """Constant matrices: centring, and the cumulative sum of ``e + c sum(e)``."""
     key = (k, min_bin, like.dtype, like.device)
     if key not in _MATRICES:
-        centre = torch.full((k, k), 1.0 / k, dtype=like.dtype, device=like.device)
+        eye = torch.eye(k, dtype=like.dtype, device=like.device)
+        centre = eye - 1.0 / k  # u @ centre = u - mean(u)
         # column j sums e_i for i < j, plus c * j * sum(e) for the min_bin floor
         c = min_bin / (1.0 - min_bin * k)
         j = torch.arange(k + 1, dtype=like.dtype, device=like.device)
@@ -124,9 +125,10 @@ def _bin_parameters(knots: SplineKnots, edges: Tensor, value: Tensor):
 
 def spline_forward(x: Tensor, knots: SplineKnots) -> tuple[Tensor, Tensor]:
     """Apply the spline elementwise: returns ``y`` and ``log |dy/dx|`` (same shape as ``x``)."""
-    bound = knots.bound
-    inside = (x > -bound) & (x < bound)
-    xc = x.clamp(-bound, bound)
+    # Outside the interval the spline is the identity. The end slopes are 1 and the end knots
+    # are pinned, so ``spline(clamp(x)) + (x - clamp(x))`` is exact everywhere and the
+    # log-slope at a clamped point is log(1) = 0: no masks or ``where`` needed.
+    xc = x.clamp(-knots.bound, knots.bound)
     x0, w, y0, h, d0, d1 = _bin_parameters(knots, knots.xs, xc)
     s = h / w
     t = ((xc - x0) / w).clamp(0.0, 1.0)
@@ -134,14 +136,12 @@ def spline_forward(x: Tensor, knots: SplineKnots) -> tuple[Tensor, Tensor]:
     denom = s + (d0 + d1 - 2.0 * s) * t1
     y = y0 + h * (s * t * t + d0 * t1) / denom
     slope = s * s * (d1 * t * t + 2.0 * s * t1 + d0 * (1.0 - t) ** 2) / (denom * denom)
-    return torch.where(inside, y, x), torch.where(inside, torch.log(slope), torch.zeros_like(x))
+    return y + (x - xc), torch.log(slope)
 
 
 def spline_inverse(y: Tensor, knots: SplineKnots) -> tuple[Tensor, Tensor]:
     """Invert the spline elementwise: returns ``x`` and ``log |dx/dy|``."""
-    bound = knots.bound
-    inside = (y > -bound) & (y < bound)
-    yc = y.clamp(-bound, bound)
+    yc = y.clamp(-knots.bound, knots.bound)
     x0, w, y0, h, d0, d1 = _bin_parameters(knots, knots.ys, yc)
     s = h / w
     dy = yc - y0
@@ -154,5 +154,4 @@ def spline_inverse(y: Tensor, knots: SplineKnots) -> tuple[Tensor, Tensor]:
     t1 = t * (1.0 - t)
     denom = s + skew * t1
     slope = s * s * (d1 * t * t + 2.0 * s * t1 + d0 * (1.0 - t) ** 2) / (denom * denom)
-    x = x0 + t * w
-    return torch.where(inside, x, y), torch.where(inside, -torch.log(slope), torch.zeros_like(y))
+    return x0 + t * w + (y - yc), -torch.log(slope)
