@@ -1,0 +1,75 @@
+"""AutoFlowGuide against exact answers: slower tests (about 30 s together on 2 cores)."""
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoMultivariateNormal, init_to_value
+
+from pyroflows import AutoFlowGuide
+
+
+def fit(model, guide, *args, steps, particles=16, lr=0.03, final_lr=3e-4):
+    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": (final_lr / lr) ** (1 / steps)})
+    svi = SVI(model, guide, optim, elbo)
+    for _ in range(steps):
+        svi.step(*args)
+
+
+def test_conjugate_linear_regression_with_correlated_design():
+    torch.manual_seed(0)
+    n, d, noise = 30, 3, 1.0
+    design_cov = 0.9 * torch.ones(d, d) + 0.1 * torch.eye(d)
+    x = torch.randn(n, d) @ torch.linalg.cholesky(design_cov).T
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + noise * torch.randn(n)
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.Normal((x * w).sum(-1), noise), obs=y)
+
+    # The exact posterior: N(S X^T y / noise^2, S) with S = (I + X^T X / noise^2)^-1.
+    cov = torch.linalg.inv(torch.eye(d) + x.T @ x / noise**2)
+    mean = cov @ x.T @ y / noise**2
+    sd = cov.diag().sqrt()
+    corr = cov / sd[:, None] / sd[None, :]
+    assert corr[0, 1] < -0.6 and corr[1, 2] < -0.6  # strongly correlated: mean-field fails
+
+    pyro.set_rng_seed(2)
+    guide = AutoFlowGuide(model)
+    fit(model, guide, x, y, steps=1000)
+    w = guide.sample_posterior(20000)["w"]
+    assert ((w.mean(0) - mean) / sd).abs().max() < 0.1
+    assert ((w.std(0) / sd) - 1).abs().max() < 0.1
+    assert (torch.corrcoef(w.T) - corr).abs().max() < 0.1
+
+
+def ring_energy(z):
+    """Rezende & Mohamed's U1: a ring of radius 2 with two lobes along z1."""
+    r = z.norm(dim=-1)
+    lobes = torch.logaddexp(
+        -0.5 * ((z[..., 0] - 2) / 0.6) ** 2, -0.5 * ((z[..., 0] + 2) / 0.6) ** 2
+    )
+    return 0.5 * ((r - 2) / 0.4) ** 2 - lobes
+
+
+def ring_model():
+    z = pyro.sample("z", dist.ImproperUniform(dist.constraints.real_vector, (), (2,)))
+    pyro.factor("energy", -ring_energy(z))
+
+
+def test_flow_beats_multivariate_normal_on_a_non_gaussian_target():
+    """Same target, same budget: a larger ELBO is a smaller KL(q || p) (log Z is shared)."""
+    init = init_to_value(values={"z": torch.tensor([2.0, 0.3])})
+    elbos = {}
+    for name, guide_class in [("mvn", AutoMultivariateNormal), ("flow", AutoFlowGuide)]:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = guide_class(ring_model, init_loc_fn=init)
+        fit(ring_model, guide, steps=600, lr=0.02, final_lr=1e-3)
+        with torch.no_grad():
+            loss = Trace_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=1)
+            elbos[name] = -loss.loss(ring_model, guide)
+    # Monte Carlo error of each estimate is ~0.01; the flow is better by ~0.2 nats.
+    assert elbos["flow"] > elbos["mvn"] + 0.1, elbos
