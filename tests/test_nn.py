@@ -36,7 +36,7 @@ def test_narrow_hidden_layers_still_respect_ranks():
 def test_coupling_conditioner_is_dense_on_the_conditioning_half():
     net = MaskedMLP(torch.tensor([0, 0, 0, 1, 1]), torch.tensor([1, 1]), 3, hidden_dims=[8])
     assert net.used_inputs.tolist() == [0, 1, 2]
-    assert all(getattr(m, "dense", True) for m in net.modules())
+    assert not any(name.startswith("mask") for name, _ in net.named_buffers())
 
 
 def test_zero_initialised_output_and_context():
@@ -54,4 +54,10 @@ def test_zero_initialised_output_and_context():
 def test_nothing_to_condition_on_gives_learnable_constants():
     net = MaskedMLP(torch.tensor([1]), torch.tensor([1]), 4, hidden_dims=[8])
     assert net(torch.randn(6, 1)).shape == (6, 4, 1)
-    assert [n for n, _ in net.named_parameters()] == ["net.0.bias"]
+    assert [(n, p.numel()) for n, p in net.named_parameters()] == [("weights", 4)]
+
+
+def test_one_parameter_tensor_per_conditioner():
+    net = MaskedMLP(torch.arange(1, 5), torch.arange(1, 5), 3, hidden_dims=[8, 8])
+    (weights,) = net.parameters()
+    assert weights.numel() == (3 * 8 + 8) + (8 * 8 + 8) + (8 * 12 + 12)
