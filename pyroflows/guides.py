@@ -29,6 +29,17 @@ Pyro semantics, settled here:
   vector. Sites inside a *subsampled* plate are refused with an error naming the site: a
   single flow over the whole vector cannot be indexed by a minibatch. Give them their own
   guide with ``AutoGuideList`` (see the error message).
+- **Defaults, by measurement** (``benchmarks/guides.py``; 5000 steps of plain SVI, 1
+  particle, lr 1e-2 to 1e-3): two IAF blocks (``flow="iaf", num_layers=2``) behind the
+  full-rank affine, conditioner width ``2 d`` clipped to ``[32, 256]``. Affine autoregressive
+  layers can change scale with the other coordinates, which funnels need: on Neal's funnel
+  (d = 10) IAF reached KL 0.61 (4 layers) where spline couplings stayed at 1.9-2.1, no better
+  than AutoMultivariateNormal (2.07), because a spline with identity tails cannot rescale.
+  On centred eight schools, one or two IAF blocks reach max |Δmean|/sd 0.14 / 0.27 and max
+  |log sd ratio| 0.29 / 0.28, while four affine blocks (IAF or RealNVP) started at
+  ``init_scale=0.1`` diverged. Two blocks rather than one keep non-Gaussian shapes: on
+  Rezende's ring the gain over AutoMultivariateNormal in ELBO is 0.18 nats with two blocks,
+  0.10 with one.
 - **Discrete sites** must be enumerated (``infer={"enumerate": "parallel"}`` with
   ``TraceEnum_ELBO``); they are then hidden from this guide. Any other discrete site is an
   error naming the site.
@@ -74,6 +85,7 @@ __all__ = ["AutoFlowGuide", "init_to_median"]
 _LIVE_NAMES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 FULL_RANK_LIMIT = 200  # affine="auto": a full lower-triangular L up to this many dimensions
+DEFAULT_NUM_LAYERS = 2  # blocks of the default flow (see the module docstring)
 
 
 def _init_to_unconstrained_zero(site):
@@ -150,11 +162,13 @@ class AutoFlowGuide(AutoContinuous):
         flow: anything :func:`pyroflows.transforms.build` takes: a registered name
             (``"nsf"``, ``"realnvp"``, ``"iaf"``, ...), a list of names, a ``TransformModule``
             or a callable ``latent_dim -> TransformModule``.
-        num_layers: blocks of the flow (default: the family's default).
+        num_layers: blocks of the flow (default: 2 for the default flow, else the family's
+            own default).
         hidden_dims: conditioner widths (default: see :func:`default_hidden_dims`).
         base: ``"normal"``, or ``"studentt"`` for a heavy-tailed base with learnable degrees
             of freedom per dimension (tail-adaptive flows, Jaini et al. 2020,
-            arXiv:1907.04481), for posteriors with Cauchy-like tails.
+            arXiv:1907.04481), for posteriors with Cauchy-like tails. Its degrees of freedom
+            start at 30, so this guide starts close to, not exactly at, AutoNormal.
         init_loc_fn: per-site initialisation of ``loc`` (default: prior median, or the
             constrained image of zero where the prior cannot be sampled).
         init_scale: initial ``scale`` of every unconstrained dimension.
@@ -189,7 +203,7 @@ class AutoFlowGuide(AutoContinuous):
     def __init__(
         self,
         model,
-        flow="nsf",
+        flow="iaf",
         num_layers: int | None = None,
         hidden_dims: Sequence[int] | None = None,
         base: str = "normal",
@@ -213,6 +227,8 @@ class AutoFlowGuide(AutoContinuous):
         self._pyro_name = name if name is not None else _unique_name(type(self).__name__)
         _LIVE_NAMES[self._pyro_name] = self
         self._flow_spec = flow
+        if num_layers is None and isinstance(flow, str) and flow == "iaf":
+            num_layers = DEFAULT_NUM_LAYERS
         self._num_layers = num_layers
         self._hidden_dims = hidden_dims
         self._flow_kwargs = flow_kwargs

@@ -80,9 +80,12 @@ class MaskedMLP(nn.Module):
         self.params_per_output = params_per_output
         self.context_dim = context_dim
 
-        # Drop inputs that no output may depend on.
+        # Drop inputs that no output may depend on, when that saves much (a coupling half);
+        # the one unused input of an autoregressive layer is cheaper masked than sliced away.
         max_out = int(out_ranks.max()) if len(out_ranks) else 0
         used = torch.nonzero(in_ranks < max_out).flatten()
+        if len(used) > 0.75 * len(in_ranks):
+            used = torch.arange(len(in_ranks))
         self.register_buffer("used_inputs", used)
         self.all_inputs_used = len(used) == len(in_ranks)
         # A contiguous block of inputs (the usual coupling half) is read as a view.

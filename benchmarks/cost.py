@@ -1,0 +1,132 @@
+"""Milliseconds per SVI step: AutoFlowGuide beside Pyro's guides, and scaling with dimension.
+
+Every guide trains the same model with ``SVI`` + ``Trace_ELBO`` (1 particle) and
+``pyro.optim.Adam``; steps of all guides are interleaved in shuffled order so that drift in
+machine load hits them alike; the median over the timed steps is reported.
+
+- eight schools (d = 10): AutoNormal, AutoMultivariateNormal, AutoIAFNormal, Pyro's
+  ``AutoNormalizingFlow(iterated(4, spline_coupling))`` and AutoFlowGuide variants;
+- a hierarchical model with d = 10, 100, 1000, 10000 group effects (``--scaling``):
+  AutoNormal beside the default AutoFlowGuide.
+
+    python -m benchmarks.cost                 # eight schools
+    python -m benchmarks.cost --scaling       # and the d sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import random
+import statistics
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.transforms import iterated, spline_coupling
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import (
+    AutoIAFNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    AutoNormalizingFlow,
+)
+
+from pyroflows import AutoFlowGuide
+
+from .posteriors import eight_schools_centered
+
+OUT = Path(__file__).parent / "results" / "cost.md"
+
+
+def hierarchical(groups: int):
+    """mu, tau, theta_1..J with y_j ~ N(theta_j, 1): d = J + 2 latent dimensions."""
+    y = torch.randn(groups)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(5.0))
+        with pyro.plate("groups", len(y)):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
+
+    return model, (y,)
+
+
+def median_ms(model, args, guides: dict, steps: int, warmup: int = 30) -> dict:
+    svis = {}
+    for name, make in guides.items():
+        pyro.clear_param_store()
+        svi = SVI(model, make(model), pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        for _ in range(warmup):
+            svi.step(*args)
+        svis[name] = svi
+    times = {name: [] for name in svis}
+    for _ in range(steps):
+        for name in random.sample(list(svis), len(svis)):
+            start = time.perf_counter()
+            svis[name].step(*args)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--scaling", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = [
+        "# Milliseconds per SVI step",
+        "",
+        f"Median over {args.steps} interleaved steps, {args.threads} CPU threads, "
+        f"torch {torch.__version__}; ratio = guide / AutoNormal.",
+        "",
+        "## Eight schools (d = 10)",
+        "",
+        "| guide | ms/step | x AutoNormal |",
+        "|---|---|---|",
+    ]
+    schools = eight_schools_centered()
+    guides = {
+        "AutoNormal": AutoNormal,
+        "AutoMultivariateNormal": AutoMultivariateNormal,
+        "AutoIAFNormal": AutoIAFNormal,
+        "Pyro spline_coupling x4": lambda m: AutoNormalizingFlow(
+            m, functools.partial(iterated, 4, spline_coupling)
+        ),
+        "AutoFlowGuide (default)": AutoFlowGuide,
+        "AutoFlowGuide nsf x4": functools.partial(AutoFlowGuide, flow="nsf", num_layers=4),
+        "AutoFlowGuide realnvp x4": functools.partial(AutoFlowGuide, flow="realnvp", num_layers=4),
+        "AutoFlowGuide iaf x4": functools.partial(AutoFlowGuide, flow="iaf", num_layers=4),
+    }
+    ms = median_ms(schools.model, schools.args, guides, args.steps)
+    for name, value in ms.items():
+        lines.append(f"| {name} | {value:.2f} | {value / ms['AutoNormal']:.2f} |")
+        print(lines[-1], flush=True)
+    if args.scaling:
+        lines += [
+            "",
+            "## Scaling: hierarchical model",
+            "",
+            "| d | AutoNormal | AutoFlowGuide | ratio |",
+        ]
+        lines.append("|---|---|---|---|")
+        for groups in (8, 98, 998, 9998):
+            model, model_args = hierarchical(groups)
+            steps = args.steps if groups < 5000 else max(20, args.steps // 5)
+            ms = median_ms(model, model_args, {"n": AutoNormal, "f": AutoFlowGuide}, steps)
+            lines.append(
+                f"| {groups + 2} | {ms['n']:.2f} | {ms['f']:.2f} | {ms['f'] / ms['n']:.2f} |"
+            )
+            print(lines[-1], flush=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
