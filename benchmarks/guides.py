@@ -48,11 +48,13 @@ def guide_factories():
         "Pyro spline_coupling x4": lambda m: AutoNormalizingFlow(
             m, functools.partial(iterated, 4, spline_coupling)
         ),
-        "nsf": AutoFlowGuide,  # the default
-        "nsf x2": functools.partial(AutoFlowGuide, num_layers=2),
-        "nsf x2 studentt": functools.partial(AutoFlowGuide, num_layers=2, base="studentt"),
-        "realnvp": functools.partial(AutoFlowGuide, flow="realnvp"),
-        "iaf": functools.partial(AutoFlowGuide, flow="iaf"),
+        "AutoFlowGuide (default: iaf x2)": AutoFlowGuide,
+        "iaf x1": functools.partial(AutoFlowGuide, num_layers=1),
+        "iaf x4": functools.partial(AutoFlowGuide, num_layers=4),
+        "iaf x2 studentt": functools.partial(AutoFlowGuide, base="studentt"),
+        "nsf x4": functools.partial(AutoFlowGuide, flow="nsf", num_layers=4),
+        "nsf x2": functools.partial(AutoFlowGuide, flow="nsf", num_layers=2),
+        "realnvp x4": functools.partial(AutoFlowGuide, flow="realnvp", num_layers=4),
         "nsf_ar x2": functools.partial(AutoFlowGuide, flow="nsf_ar", num_layers=2),
     }
 
