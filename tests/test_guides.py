@@ -381,3 +381,14 @@ def test_stl_scores_the_sample_with_stopped_parameters():
 def test_stl_needs_an_inverse():
     with pytest.raises(ValueError, match="stl=True needs a flow with an analytic inverse"):
         AutoFlowGuide(line_model, flow="planar", stl=True)(*line_data())
+
+
+def test_affine_auto_is_full_only_for_coupling_stacks():
+    x, y = line_data()
+    coupling = AutoFlowGuide(line_model, flow="nsf", **SMALL)
+    autoregressive = AutoFlowGuide(line_model, flow="iaf", **SMALL)
+    coupling(x, y), autoregressive(x, y)
+    assert coupling.full_rank and not autoregressive.full_rank
+    forced = AutoFlowGuide(line_model, flow="iaf", affine="full", **SMALL)
+    forced(x, y)
+    assert forced.full_rank and forced.scale_tril.shape == (3, 3)
