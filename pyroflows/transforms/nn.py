@@ -116,8 +116,8 @@ class MaskedMLP(nn.Module):
         # step every parameter tensor separately (~60 us each), so one tensor per conditioner
         # instead of two per layer saves more per SVI step than the whole spline costs.
         self._activation = _ACTIVATIONS[activation]
-        self._layers = []  # (weight offset, out features, in features, mask buffer or None)
-        chunks, offset = [], 0
+        self._layers = []  # (out features, in features, mask buffer or None)
+        chunks = []
         for k, mask in enumerate(masks):
             n_out, n_in = mask.shape
             bound = 1.0 / n_in**0.5 if n_in else 0.0  # nn.Linear's default initialisation
@@ -132,9 +132,9 @@ class MaskedMLP(nn.Module):
             if not bool(mask.all()):  # an all-ones mask is skipped
                 name = f"mask_{k}"
                 self.register_buffer(name, mask.to(weight.dtype))
-            self._layers.append((offset, n_out, n_in, name))
+            self._layers.append((n_out, n_in, name))
             chunks += [weight.flatten(), bias]
-            offset += n_out * (n_in + 1)
+        self._sizes = [len(c) for c in chunks]
         self.weights = nn.Parameter(torch.cat(chunks))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -147,11 +147,13 @@ class MaskedMLP(nn.Module):
                 raise ValueError("this conditioner needs a context: call .condition(context)")
             shape = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
             x = torch.cat([x.expand(*shape, -1), context.expand(*shape, -1)], dim=-1)
-        flat = self.weights
+        # One split, not a slice per tensor: its backward is a single concatenation, where
+        # each slice's backward would fill a zero gradient the size of the whole parameter.
+        pieces = self.weights.split(self._sizes)
         last = len(self._layers) - 1
-        for k, (offset, n_out, n_in, mask) in enumerate(self._layers):
-            weight = flat[offset : offset + n_out * n_in].view(n_out, n_in)
-            bias = flat[offset + n_out * n_in : offset + n_out * (n_in + 1)]
+        for k, (n_out, n_in, mask) in enumerate(self._layers):
+            weight = pieces[2 * k].view(n_out, n_in)
+            bias = pieces[2 * k + 1]
             if n_in == 0:
                 x = bias.expand(*x.shape[:-1], n_out)
                 continue
@@ -163,5 +165,5 @@ class MaskedMLP(nn.Module):
         return x.unflatten(-1, (self.params_per_output, self.num_outputs))
 
     def extra_repr(self) -> str:
-        sizes = [n_in for _, _, n_in, _ in self._layers] + [self._layers[-1][1]]
+        sizes = [n_in for _, n_in, _ in self._layers] + [self._layers[-1][0]]
         return f"sizes={sizes}, masked={[m is not None for *_, m in self._layers]}"
