@@ -30,17 +30,18 @@ Pyro semantics, settled here:
   vector. Sites inside a *subsampled* plate are refused with an error naming the site: a
   single flow over the whole vector cannot be indexed by a minibatch. Give them their own
   guide with ``AutoGuideList`` (see the error message).
-- **Defaults, by measurement** (``benchmarks/guides.py``; 5000 steps of plain SVI, 1
-  particle, lr 1e-2 to 1e-3): two IAF blocks (``flow="iaf", num_layers=2``) behind the
-  full-rank affine, conditioner width ``2 d`` clipped to ``[32, 256]``. Affine autoregressive
-  layers can change scale with the other coordinates, which funnels need: on Neal's funnel
-  (d = 10) IAF reached KL 0.61 (4 layers) where spline couplings stayed at 1.9-2.1, no better
-  than AutoMultivariateNormal (2.07), because a spline with identity tails cannot rescale.
-  On centred eight schools, one or two IAF blocks reach max |Δmean|/sd 0.14 / 0.27 and max
-  |log sd ratio| 0.29 / 0.28, while four affine blocks (IAF or RealNVP) started at
-  ``init_scale=0.1`` diverged. Two blocks rather than one keep non-Gaussian shapes: on
-  Rezende's ring the gain over AutoMultivariateNormal in ELBO is 0.18 nats with two blocks,
-  0.10 with one.
+- **Defaults, by measurement** (``benchmarks/guides.py``, ``benchmarks/results/``; 5000
+  steps of plain SVI, 1 particle, lr 1e-2 to 1e-3, 3 seeds): two IAF blocks
+  (``flow="iaf", num_layers=2``) behind a diagonal affine, conditioner width ``2 d`` clipped
+  to ``[32, 256]``. Affine autoregressive layers can change scale with the other coordinates,
+  which funnels need; a spline with identity tails cannot rescale, and spline couplings
+  stayed at KL 1.9-2.1 on Neal's funnel (d = 10), no better than AutoMultivariateNormal
+  (2.0). The default reaches KL 0.43-0.45 there (AutoIAFNormal 0.26-1.07) and, on centred
+  eight schools, max |Δmean|/sd 0.32-0.47 and max |log sd ratio| 0.09-0.22 (AutoIAFNormal
+  0.17-0.67 and 0.22-0.44; AutoMultivariateNormal about 1.4 and 2.1). Four affine blocks
+  started at ``init_scale=0.1`` diverged on eight schools; two blocks rather than one keep
+  non-Gaussian shapes (on Rezende's ring the ELBO gain over AutoMultivariateNormal is 0.18
+  nats with two, 0.10 with one).
 - **Discrete sites** must be enumerated (``infer={"enumerate": "parallel"}`` with
   ``TraceEnum_ELBO``); they are then hidden from this guide. Any other discrete site is an
   error naming the site.
