@@ -217,7 +217,7 @@ def iaf(
     context_dim=0,
     hidden_dims=DEFAULT_HIDDEN,
     activation="relu",
-    scale_bound=3.0,
+    scale_bound=6.0,
 ):
     """Inverse autoregressive flow (Kingma et al. 2016, arXiv:1606.04934): one pass to sample.
 
@@ -241,7 +241,7 @@ def maf(
     context_dim=0,
     hidden_dims=DEFAULT_HIDDEN,
     activation="relu",
-    scale_bound=3.0,
+    scale_bound=6.0,
 ):
     """Masked autoregressive flow (Papamakarios et al. 2017, arXiv:1705.07057).
 

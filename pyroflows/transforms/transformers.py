@@ -60,12 +60,16 @@ class Affine(Transformer):
     """``y = x * exp(s) + t`` with ``s`` soft-clipped into ``(-scale_bound, scale_bound)``.
 
     The bounded log-scale (RealNVP, Dinh et al. 2017, arXiv:1605.08803) keeps a single layer
-    from blowing up or collapsing a dimension early in training.
+    from blowing up or collapsing a dimension early in training, and unlike a hard clamp its
+    gradient never vanishes. The default bound 6 (a factor up to e^6 per layer) was measured in
+    AutoFlowGuide: against bound 3, Neal's funnel's KL fell from 0.45 to 0.37 and centred eight
+    schools' max |Δmean|/sd from 0.37 / 0.47 to 0.28 / 0.37 (seeds 0 / 2); a funnel's neck needs
+    log-scales beyond 3.
     """
 
     num_params = 2
 
-    def __init__(self, scale_bound: float = 3.0):
+    def __init__(self, scale_bound: float = 6.0):
         self.scale_bound = scale_bound
 
     def forward(self, x, params):
