@@ -343,6 +343,11 @@ class AutoFlowGuide(AutoContinuous):
             **_architecture(self._flow_spec, dim, self._hidden_dims, self._flow_kwargs),
         )
         self.flow = flow.to(dtype=init_loc.dtype, device=init_loc.device)
+        # Whether L is full lower-triangular (else diagonal): fixed once the flow exists.
+        if self._affine == "auto":
+            self.full_rank = dim <= FULL_RANK_LIMIT and not _mixes_all_pairs(self.flow)
+        else:
+            self.full_rank = self._affine == "full"
         if self.full_rank:  # strictly lower part of L; starts at zero (L = diag(init_scale))
             self.scale_lower = nn.Parameter(init_loc.new_zeros(dim, dim))
         if self.stl and not _invertible(self.flow):
@@ -356,13 +361,6 @@ class AutoFlowGuide(AutoContinuous):
 
     # ----------------------------------------------------------------------- the posterior
     @property
-    def full_rank(self) -> bool:
-        """Whether the outer affine has a full lower-triangular ``L`` (else diagonal)."""
-        if self._affine == "auto":
-            return self.latent_dim <= FULL_RANK_LIMIT and not _mixes_all_pairs(self.flow)
-        return self._affine == "full"
-
-    @property
     def scale(self) -> Tensor:
         """The diagonal of ``L``."""
         return nn.functional.softplus(self.scale_raw)
@@ -374,21 +372,26 @@ class AutoFlowGuide(AutoContinuous):
             return self.scale_lower.tril(-1) + torch.diag_embed(self.scale)
         return torch.diag_embed(self.scale)
 
-    def get_base_dist(self):
+    def get_base_dist(self, stop: bool = False):
         zeros = torch.zeros_like(self.loc)
         if self._base == "studentt":
             df = 1.0 + nn.functional.softplus(self.df_raw)
-            return dist.StudentT(df, zeros, 1.0).to_event(1)
+            return dist.StudentT(df.detach() if stop else df, zeros, 1.0).to_event(1)
         return dist.Normal(zeros, 1.0).to_event(1)
 
     def get_transform(self, *args, **kwargs):
+        return ComposeTransform([self.flow, self._affine_transform()])
+
+    def _affine_transform(self, stop: bool = False):
+        """``u -> loc + L u``; with ``stop``, its parameters detached (for STL scoring)."""
+        loc = self.loc.detach() if stop else self.loc
         # The affine caches too: scoring the guide's own sample then inverts nothing (an
         # uncached affine would hand the flow a new tensor and force a real inverse pass).
         if self.full_rank:
-            affine = LowerCholeskyAffine(self.loc, self.scale_tril, cache_size=1)
-        else:
-            affine = AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
-        return ComposeTransform([self.flow, affine])
+            tril = self.scale_tril.detach() if stop else self.scale_tril
+            return LowerCholeskyAffine(loc, tril, cache_size=1)
+        scale = self.scale.detach() if stop else self.scale
+        return AffineTransform(loc, scale, event_dim=1, cache_size=1)
 
     def get_posterior(self, *args, **kwargs):
         return dist.TransformedDistribution(self.get_base_dist(), self.get_transform())
@@ -406,23 +409,12 @@ class AutoFlowGuide(AutoContinuous):
 
     def _stopped_log_prob(self, z: Tensor) -> Tensor:
         """log q(z) with every parameter detached: gradients reach only through z."""
-        loc = self.loc.detach()
-        if self.full_rank:
-            scale_tril = self.scale_tril.detach()
-            u = torch.linalg.solve_triangular(scale_tril, (z - loc)[..., None], upper=False)
-            u = u.squeeze(-1)
-            log_det = scale_tril.diagonal().log().sum()
-        else:
-            scale = self.scale.detach()
-            u = (z - loc) / scale
-            log_det = scale.log().sum()
+        affine = self._affine_transform(stop=True)
+        u = affine.inv(z)
         stopped = {name: p.detach() for name, p in self._inverter.named_parameters()}
         x, flow_log_det = torch.func.functional_call(self._inverter, stopped, (u,))
-        base = self.get_base_dist()
-        if self._base == "studentt":
-            df = base.base_dist.df.detach()
-            base = dist.StudentT(df, torch.zeros_like(loc), 1.0).to_event(1)
-        return base.log_prob(x) - flow_log_det - log_det
+        log_det = flow_log_det + affine.log_abs_det_jacobian(u, z)
+        return self.get_base_dist(stop=True).log_prob(x) - log_det
 
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
@@ -458,6 +450,8 @@ class AutoFlowGuide(AutoContinuous):
             if seed is not None:
                 torch.manual_seed(seed)
             latent = self.get_posterior().sample((num_samples,))
+        # Not _unpack_latent: that places batch dims left of plate dims for vectorised
+        # inference; here each site gets a plain leading sample dim.
         out, pos = {}, 0
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             shape = self._unconstrained_shapes[name]
@@ -496,7 +490,11 @@ class AutoFlowGuide(AutoContinuous):
 
     # ------------------------------------------------------------------ save and load
     def get_extra_state(self):
-        return {"layout": self._layout, "base": self._base, "full_rank": self.full_rank}
+        return {
+            "layout": self._layout,
+            "base": self._base,
+            "full_rank": getattr(self, "full_rank", None),
+        }
 
     def set_extra_state(self, state):
         pass  # read in _prepare_to_load, before the parameters are loaded

@@ -72,11 +72,9 @@ class VectorTransformModule(TransformModule):
                 self.__dict__["_param_tuple"] = params
         return sum(p._version for p in params)
 
-    def _valid(self, memo: _Memo | None) -> bool:
-        return (
-            memo is not None
-            and memo.param_version == self._param_version()
-            and (memo.grad or not torch.is_grad_enabled())
+    def _valid(self, memo: _Memo) -> bool:
+        return memo.param_version == self._param_version() and (
+            memo.grad or not torch.is_grad_enabled()
         )
 
     def _remember(self, x: Tensor, y: Tensor, log_det: Tensor) -> None:

@@ -89,7 +89,7 @@ class MaskedMLP(nn.Module):
         self.register_buffer("used_inputs", used)
         self.all_inputs_used = len(used) == len(in_ranks)
         # A contiguous block of inputs (the usual coupling half) is read as a view.
-        self.used_slice = _as_slice(used)
+        self.used_slice = None if self.all_inputs_used else _as_slice(used)
         ranks = in_ranks[used]
         # Context features have rank -1: every unit may see them.
         ranks = torch.cat([ranks, torch.full((context_dim,), -1, dtype=torch.long)])
