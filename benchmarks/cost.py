@@ -64,12 +64,18 @@ def median_ms(model, args, guides: dict, steps: int, warmup: int = 30) -> dict:
             svi.step(*args)
         svis[name] = svi
     times = {name: [] for name in svis}
-    for _ in range(steps):
+    labels = {name: name for name in svis}
+    for step in range(steps):
         for name in random.sample(list(svis), len(svis)):
             start = time.perf_counter()
-            svis[name].step(*args)
+            try:
+                svis[name].step(*args)
+            except ValueError:  # the fit left the support (a scale of 0): time no further
+                svis.pop(name)
+                labels[name] = f"{name} (diverged at step {warmup + step}; timed until then)"
+                continue
             times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return {labels[name]: 1e3 * statistics.median(t) for name, t in times.items() if t}
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ def realnvp(
     hidden_dims=DEFAULT_HIDDEN,
     activation="relu",
     split_dim=None,
-    scale_bound=6.0,
+    scale_bound=3.0,
 ):
     """Affine coupling (RealNVP; Dinh, Sohl-Dickstein & Bengio 2017, arXiv:1605.08803).
 
@@ -84,7 +84,7 @@ def realnvp(
 
     Example:
         >>> realnvp(4, hidden_dims=[8]).transformer
-        Affine(scale_bound=6.0)
+        Affine(scale_bound=3.0)
     """
     transformer = Affine(scale_bound)
     return _coupling(input_dim, transformer, layer, context_dim, hidden_dims, activation, split_dim)

@@ -20,7 +20,7 @@ def glow(
     hidden_dims=DEFAULT_HIDDEN,
     activation="relu",
     split_dim=None,
-    scale_bound=6.0,
+    scale_bound=3.0,
     data_init=False,
 ):
     """A Glow block: ActNorm, then an LU-parametrised linear map, then an affine coupling.
