@@ -1,8 +1,43 @@
 """pyroflows: normalizing-flow variational inference for Pyro."""
 
 from . import supports, transforms
+from .diagnostics import (
+    importance_resample,
+    khat_threshold,
+    log_evidence,
+    neutra,
+    psis,
+    psis_diagnostic,
+)
+from .fit import FitError, FitResult, fit
 from .guides import AutoFlowGuide, init_to_median
+from .objectives import ImportanceWeightedELBO
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["AutoFlowGuide", "init_to_median", "supports", "transforms"]
+__all__ = [
+    "AutoFlowGuide",
+    "FitError",
+    "FitResult",
+    "ImportanceWeightedELBO",
+    "fit",
+    "importance_resample",
+    "init_to_median",
+    "khat_threshold",
+    "log_evidence",
+    "neutra",
+    "psis",
+    "psis_diagnostic",
+    "supports",
+    "to_inference_data",
+    "transforms",
+]
+
+
+def __getattr__(name):
+    # ArviZ takes a second to import: load it when it is first needed.
+    if name == "to_inference_data":
+        from .arviz import to_inference_data
+
+        return to_inference_data
+    raise AttributeError(f"module 'pyroflows' has no attribute {name!r}")

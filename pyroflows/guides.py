@@ -405,7 +405,17 @@ class AutoFlowGuide(AutoContinuous):
                     "torch.func.functional_call, which JitTrace_ELBO cannot trace; use Trace_ELBO"
                 )
             posterior = _StoppedScore(posterior, self._stopped_log_prob)
-        return pyro.sample(f"_{self._pyro_name}_latent", posterior, infer={"is_auxiliary": True})
+        return pyro.sample(self.latent_site_name, posterior, infer={"is_auxiliary": True})
+
+    @property
+    def flow_is_invertible(self) -> bool:
+        """Whether the flow has an analytic inverse (needed by ``stl`` and DReG)."""
+        return _invertible(self.flow)
+
+    @property
+    def latent_site_name(self) -> str:
+        """The name of the auxiliary sample site that holds the unconstrained latent vector."""
+        return f"_{self._pyro_name}_latent"
 
     def _stopped_log_prob(self, z: Tensor) -> Tensor:
         """log q(z) with every parameter detached: gradients reach only through z."""
@@ -450,13 +460,21 @@ class AutoFlowGuide(AutoContinuous):
             if seed is not None:
                 torch.manual_seed(seed)
             latent = self.get_posterior().sample((num_samples,))
-        # Not _unpack_latent: that places batch dims left of plate dims for vectorised
-        # inference; here each site gets a plain leading sample dim.
+        return self.latent_to_sites(latent)
+
+    def latent_to_sites(self, latent: Tensor) -> dict[str, Tensor]:
+        """Map unconstrained latent vectors ``(N, D)`` to constrained site values ``(N, *shape)``.
+
+        Unlike ``_unpack_latent`` (which places batch dims left of the model's plate dims
+        for vectorised inference), each site gets a plain leading dimension ``N``.
+        """
+        self._require_setup()
+        num = latent.shape[0]
         out, pos = {}, 0
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             shape = self._unconstrained_shapes[name]
             size = math.prod(shape)
-            u = latent[..., pos : pos + size].reshape(num_samples, *shape)
+            u = latent[..., pos : pos + size].reshape(num, *shape)
             out[name] = biject_to(site["fn"].support)(u)
             pos += size
         return out

@@ -1,0 +1,192 @@
+r"""Guide draws as ``arviz.InferenceData`` (the only module that imports ArviZ).
+
+ArviZ's ``az.from_pyro`` takes only MCMC runs; :func:`to_inference_data` does the same for
+any fitted guide. What you get:
+
+- ``posterior``: ``num_samples`` draws of every latent site in constrained space and of every
+  ``pyro.deterministic`` site, as one chain. Dimensions are named after the model's plates
+  (a site in ``pyro.plate("school", 8)`` has a dimension ``"school"``); others are
+  ``"<site>_dim_<i>"``.
+- ``posterior_predictive``: the observed sites re-drawn at each posterior draw.
+- ``log_likelihood``: pointwise ``log p(y_i | z)`` of every observed site, so ``az.loo``
+  and ``az.compare`` work. A likelihood written only as ``pyro.factor`` has no pointwise
+  terms: you get a warning and no group.
+- ``observed_data``, and ``sample_stats`` with ``lp`` (``log p(x, z)``) and
+  ``log_weight`` (``log p(x, z) - log q(z)``, the importance weights); the PSIS k-hat and
+  its threshold are in the attributes.
+
+Guide draws are not MCMC draws. R-hat and MCMC ESS mean nothing for them (one "chain" of
+independent draws: use ``az.summary(idata, kind="stats")``), and they follow ``q``, not the
+posterior. With ``resample=True`` the draws are importance-resampled with Pareto-smoothed
+weights ``p/q`` (:func:`~pyroflows.importance_resample`), which corrects them when k-hat is
+below its threshold; use those for ``az.loo`` (LOO on raw guide draws is biased; Magnusson
+et al. 2019, arXiv:1904.10679).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+with warnings.catch_warnings():  # ArviZ 0.2x announces its 1.0 refactor on import
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az
+
+from .diagnostics import _psis_result
+from .draws import Draws, draw, evaluate_at
+
+__all__ = ["to_inference_data"]
+
+
+def to_inference_data(
+    model,
+    guide,
+    *args,
+    num_samples: int = 1000,
+    posterior_predictive: bool = True,
+    log_likelihood: bool = True,
+    resample: bool = False,
+    seed: int | None = None,
+    **kwargs,
+) -> az.InferenceData:
+    """Draws of a fitted guide, and the model at each, as ``arviz.InferenceData``.
+
+    Arguments:
+        model, guide: a Pyro model and a guide fitted to it (any guide).
+        args, kwargs: the model's arguments.
+        num_samples: guide draws.
+        posterior_predictive, log_likelihood: include these groups.
+        resample: importance-resample the draws (Pareto-smoothed weights) towards the exact
+            posterior; every group is resampled consistently.
+        seed: seed for the draws (the global random state is left as it was).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyroflows import AutoFlowGuide
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        ...     with pyro.plate("obs", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.randn(5)
+        >>> guide = AutoFlowGuide(model)
+        >>> idata = to_inference_data(model, guide, y, num_samples=100, seed=0)
+        >>> sorted(idata.groups())[:3], idata.log_likelihood["y"].dims
+        (['log_likelihood', 'observed_data', 'posterior'], ('chain', 'draw', 'obs'))
+    """
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        draws = draw(model, guide, args, kwargs, num_samples, predictive=posterior_predictive)
+        diagnostic = _psis_result(draws.log_weights)
+        index = None
+        if resample:
+            index = torch.multinomial(diagnostic.log_weights.exp(), num_samples, replacement=True)
+            index = index.to(draws.log_joint.device)
+
+    def take(x):
+        return x[index] if index is not None else x
+
+    kinds = ("latent", "deterministic")
+    posterior = {n: take(v) for n, v in draws.values.items() if draws.sites[n].kind in kinds}
+    groups = {
+        "posterior": posterior,
+        "sample_stats": {"lp": take(draws.log_joint), "log_weight": take(draws.log_weights)},
+    }
+    if posterior_predictive:
+        groups["posterior_predictive"] = {n: take(v) for n, v in draws.predictive.items()}
+    if log_likelihood:
+        groups["log_likelihood"] = _log_likelihood(draws, take)
+    attrs = {
+        "inference_library": "pyroflows",
+        "inference_method": "importance-resampled guide draws" if resample else "guide draws",
+        "guide": type(guide).__name__,
+        "psis_k_hat": diagnostic.k_hat,
+        "psis_threshold": diagnostic.threshold,
+        "importance_ess": diagnostic.ess,
+    }
+    return _build(draws, groups, attrs, chains=1)
+
+
+def _log_likelihood(draws: Draws, take) -> dict:
+    if not draws.log_likelihood:
+        factors = [n for n, s in draws.sites.items() if s.kind == "factor"]
+        if factors:
+            warnings.warn(
+                f"to_inference_data: the likelihood is written with pyro.factor ({factors}), "
+                "which has no pointwise terms, so there is no log_likelihood group and az.loo "
+                "cannot run. Write the likelihood as pyro.sample(..., obs=...) for LOO.",
+                stacklevel=3,
+            )
+        else:
+            warnings.warn(
+                "to_inference_data: the model has no observed sites; no log_likelihood group",
+                stacklevel=3,
+            )
+    return {n: take(v) for n, v in draws.log_likelihood.items()}
+
+
+def _dims(draws: Draws, name: str, ndim: int) -> list[str]:
+    plates = draws.sites[name].plates
+    return [plates.get(i, f"{name}_dim_{i}") for i in range(ndim)]
+
+
+def _numpy(value, chains):
+    array = value.detach().cpu().numpy()
+    return array.reshape((chains, array.shape[0] // chains, *array.shape[1:]))
+
+
+def _build(draws: Draws, groups: dict, attrs: dict, chains: int) -> az.InferenceData:
+    dims = {}
+    for group in groups.values():
+        for name, value in group.items():
+            if name in draws.sites:
+                dims[name] = _dims(draws, name, value.dim() - 1)
+    observed = {n: v.detach().cpu().numpy() for n, v in draws.observed.items()}
+    arrays = {
+        key: {n: _numpy(v, chains) for n, v in group.items()} or None
+        for key, group in groups.items()
+    }
+    with warnings.catch_warnings():
+        # ArviZ warns about one chain (R-hat undefined): that is documented above.
+        warnings.filterwarnings("ignore", message=".*chain.*")
+        return az.from_dict(
+            **arrays,
+            observed_data=observed or None,
+            dims=dims,
+            attrs=attrs,
+        )
+
+
+def _from_resample(result) -> az.InferenceData:
+    draws = result.draws
+    groups = {"posterior": dict(result.samples)}
+    attrs = {
+        "inference_library": "pyroflows",
+        "inference_method": "importance-resampled guide draws",
+        "psis_k_hat": result.diagnostic.k_hat,
+        "psis_threshold": result.diagnostic.threshold,
+        "importance_ess": result.diagnostic.ess,
+        "moment_matching_steps": result.num_adaptations,
+    }
+    return _build(draws, groups, attrs, chains=1)
+
+
+def _from_neutra(model, guide, args, kwargs, latent, chains, draws_per_chain, mcmc):
+    probe = draw(model, guide, args, kwargs, 1)
+    evaluated = evaluate_at(model, args, kwargs, probe, latent)
+    posterior = dict(latent)
+    posterior.update(evaluated["values"])
+    groups = {"posterior": posterior, "log_likelihood": evaluated["log_likelihood"]}
+    groups = {k: v for k, v in groups.items() if v}
+    stats = mcmc.diagnostics().get("divergences", {})
+    diverging = np.zeros((chains, draws_per_chain), dtype=bool)
+    for c in range(chains):
+        diverging[c, stats.get(f"chain {c}", [])] = True
+    attrs = {"inference_library": "pyroflows", "inference_method": "NeuTra NUTS"}
+    idata = _build(probe, groups, attrs, chains)
+    idata.add_groups(sample_stats={"diverging": diverging})
+    return idata
