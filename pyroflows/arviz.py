@@ -158,6 +158,8 @@ def _build(draws: Draws, groups: dict, attrs: dict, chains: int) -> az.Inference
             observed_data=observed or None,
             dims=dims,
             attrs=attrs,
+            posterior_attrs=attrs,
+            sample_stats_attrs=attrs if "sample_stats" in arrays else None,
         )
 
 

@@ -13,7 +13,9 @@ arXiv:1507.02646) says how far that can be trusted (Yao et al. 2018, arXiv:1802.
 
 Every function here draws from the guide, re-runs the model at each draw and needs a model
 whose log density can be evaluated (all latents either guided or drawn by the model from
-its prior).
+its prior). Draws are vectorised over a leading plate when the model broadcasts (as for
+``Trace_ELBO(vectorize_particles=True)``: write ``(x * beta).sum(-1)`` rather than
+``x @ beta``); otherwise the model runs once per draw, with a warning, which is slower.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def psis(log_weights: Tensor) -> tuple[Tensor, float]:
         order = torch.argsort(log_w)
         tail_idx = order[-tail_len:]
         cutoff = log_w[order[-tail_len - 1]]
-        if torch.isfinite(cutoff):
+        if torch.isfinite(cutoff) and float(log_w[tail_idx].max() - cutoff) < 1e-6:
+            k = -math.inf  # the tail has no spread: bounded weights, nothing to smooth
+        elif torch.isfinite(cutoff):
             exceed = log_w[tail_idx].exp() - cutoff.exp()
             if bool((exceed > 0).any()):
                 k, sigma = fit_generalized_pareto(exceed)
@@ -457,6 +461,7 @@ def neutra(
     num_chains: int = 1,
     seed: int | None = None,
     progress: bool = False,
+    jit: bool = True,
     **kwargs,
 ):
     """NUTS on the model reparametrised by the fitted flow (NeuTra, Hoffman et al. 2019).
@@ -472,6 +477,9 @@ def neutra(
         num_samples, warmup_steps, num_chains: NUTS settings (per chain).
         seed: seeds Pyro before sampling.
         progress: Pyro's MCMC progress bar.
+        jit: compile the potential with the PyTorch JIT (Pyro's ``jit_compile``); measured on
+            centred eight schools it makes NUTS several times faster. Turn it off for a
+            model the JIT cannot trace.
 
     Returns:
         ``arviz.InferenceData`` with ``posterior`` (chains of every latent and
@@ -502,7 +510,7 @@ def neutra(
     try:
         reparam = NeuTraReparam(guide)
         reparam_model = poutine.reparam(model, config=lambda _: reparam)
-        kernel = NUTS(reparam_model)
+        kernel = NUTS(reparam_model, jit_compile=jit, ignore_jit_warnings=True)
         mcmc = MCMC(
             kernel,
             num_samples=num_samples,

@@ -17,6 +17,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
@@ -135,6 +136,23 @@ def log_joint_at(model, args, kwargs, draws: Draws, values: dict[str, Tensor]) -
     return evaluate_at(model, args, kwargs, draws, values)["log_joint"]
 
 
+class _Predict(Messenger):
+    """Draw the observed sites afresh; ``pyro.deterministic`` and ``pyro.factor`` sites stay
+    as they are (``poutine.uncondition`` would sample from their point masses)."""
+
+    def __init__(self, sites):
+        super().__init__()
+        self.names = {n for n, s in sites.items() if s.kind == "observed"}
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.names and msg["is_observed"]:
+            msg["is_observed"] = False
+            msg["infer"]["was_observed"] = True
+            msg["infer"]["obs"] = msg["value"]
+            msg["value"] = None
+            msg["done"] = False
+
+
 class _plain_scoring:
     """Score draws with the guide's live parameters (the cheap forward pass), not STL."""
 
@@ -216,7 +234,7 @@ def _vectorized(model, guide, args, kwargs, num, sites, mpn, predictive):
     )
     out = _collect(model_trace, guide_trace, sites, num, mpn)
     if predictive:
-        unconditioned = poutine.uncondition(poutine.replay(plated(model), trace=guide_trace))
+        unconditioned = _Predict(sites)(poutine.replay(plated(model), trace=guide_trace))
         trace = poutine.trace(unconditioned).get_trace(*args, **kwargs)
         out["predictive"] = {
             n: _unvectorize(trace.nodes[n]["value"], num, mpn, s.shape, len(s.batch_shape))
@@ -232,7 +250,7 @@ def _sequential(model, guide, args, kwargs, num, sites, predictive):
         guide_trace, model_trace = _traces(model, guide, args, kwargs)
         row = _collect(model_trace, guide_trace, sites, 1, None)
         if predictive:
-            unconditioned = poutine.uncondition(poutine.replay(model, trace=guide_trace))
+            unconditioned = _Predict(sites)(poutine.replay(model, trace=guide_trace))
             trace = poutine.trace(unconditioned).get_trace(*args, **kwargs)
             row["predictive"] = {
                 n: trace.nodes[n]["value"].unsqueeze(0)
