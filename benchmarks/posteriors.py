@@ -8,6 +8,7 @@ answer (Neal's funnel).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 
 POSTERIORDB = Path(
     os.environ.get(
@@ -75,6 +77,177 @@ def eight_schools_centered() -> Posterior:
     return Posterior("eight_schools_centered", model, (y, sigma), to_params, summary, draws)
 
 
+def eight_schools_noncentered() -> Posterior:
+    data, summary, draws = _load("eight_schools-eight_schools_noncentered")
+    y = torch.tensor(data["y"], dtype=torch.float)
+    sigma = torch.tensor(data["sigma"], dtype=torch.float)
+
+    def model(y, sigma):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("J", len(y)):
+            eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(mu + tau * eta, sigma), obs=y)
+
+    def to_params(d):
+        mu, tau = d["mu"].reshape(-1, 1), d["tau"].reshape(-1, 1)
+        theta = mu + tau * d["eta"].reshape(mu.shape[0], -1)
+        return {"mu": mu[:, 0], "tau": tau[:, 0], **_flatten("theta", theta)}
+
+    return Posterior("eight_schools_noncentered", model, (y, sigma), to_params, summary, draws)
+
+
+def diamonds() -> Posterior:
+    """brms linear regression, N = 5000, 24 strongly correlated predictors (26 parameters)."""
+    data, summary, draws = _load("diamonds-diamonds")
+    x = torch.tensor(data["X"], dtype=torch.float)[:, 1:]
+    xc = x - x.mean(0)
+    y = torch.tensor(data["Y"], dtype=torch.float)
+
+    def model(xc, y):
+        b = pyro.sample("b", dist.Normal(torch.zeros(xc.shape[1]), 1.0).to_event(1))
+        intercept = pyro.sample("Intercept", dist.StudentT(3.0, 8.0, 10.0))
+        sigma = pyro.sample("sigma", dist.FoldedDistribution(dist.StudentT(3.0, 0.0, 10.0)))
+        mean = intercept + (b * xc).sum(-1)
+        with pyro.plate("N", len(y)):
+            pyro.sample("Y", dist.Normal(mean, sigma), obs=y)
+
+    def to_params(d):
+        out = _flatten("b", d["b"])
+        out.update(Intercept=d["Intercept"].reshape(-1), sigma=d["sigma"].reshape(-1))
+        return out
+
+    return Posterior("diamonds", model, (xc, y), to_params, summary, draws)
+
+
+def kilpisjarvi() -> Posterior:
+    """Regression on the uncentred year: alpha and beta almost perfectly correlated."""
+    data, summary, draws = _load("kilpisjarvi_mod-kilpisjarvi")
+    x = torch.tensor(data["x"], dtype=torch.float)
+    y = torch.tensor(data["y"], dtype=torch.float)
+    prior = {k: float(data[k]) for k in ("pmualpha", "psalpha", "pmubeta", "psbeta")}
+
+    def model(x, y):
+        alpha = pyro.sample("alpha", dist.Normal(prior["pmualpha"], prior["psalpha"]))
+        beta = pyro.sample("beta", dist.Normal(prior["pmubeta"], prior["psbeta"]))
+        sigma = pyro.sample("sigma", dist.ImproperUniform(constraints.positive, (), ()))
+        with pyro.plate("N", len(y)):
+            mean = alpha + beta * x
+            pyro.sample("y", dist.Normal(mean, sigma), obs=y)
+
+    def to_params(d):
+        return {k: d[k].reshape(-1) for k in ("alpha", "beta", "sigma")}
+
+    return Posterior("kilpisjarvi", model, (x, y), to_params, summary, draws)
+
+
+def sblrc_blr() -> Posterior:
+    data, summary, draws = _load("sblrc-blr")
+    x = torch.tensor(data["X"], dtype=torch.float)
+    y = torch.tensor(data["y"], dtype=torch.float)
+
+    def model(x, y):
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(x.shape[1]), 10.0).to_event(1))
+        sigma = pyro.sample("sigma", dist.HalfNormal(10.0))
+        with pyro.plate("N", len(y)):
+            mean = (beta * x).sum(-1)
+            pyro.sample("y", dist.Normal(mean, sigma), obs=y)
+
+    def to_params(d):
+        return {**_flatten("beta", d["beta"]), "sigma": d["sigma"].reshape(-1)}
+
+    return Posterior("sblrc_blr", model, (x, y), to_params, summary, draws)
+
+
+def ar_k() -> Posterior:
+    data, summary, draws = _load("arK-arK")
+    k = int(data["K"])
+    y = torch.tensor(data["y"], dtype=torch.float)
+    lags = torch.stack([y[k - j : len(y) - j] for j in range(1, k + 1)], -1)  # (T - K, K)
+    target = y[k:]
+
+    def model(lags, target):
+        alpha = pyro.sample("alpha", dist.Normal(0.0, 10.0))
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(lags.shape[1]), 10.0).to_event(1))
+        sigma = pyro.sample("sigma", dist.HalfCauchy(2.5))
+        with pyro.plate("T", len(target)):
+            mean = alpha + (beta * lags).sum(-1)
+            pyro.sample("y", dist.Normal(mean, sigma), obs=target)
+
+    def to_params(d):
+        return {
+            "alpha": d["alpha"].reshape(-1),
+            **_flatten("beta", d["beta"]),
+            "sigma": d["sigma"].reshape(-1),
+        }
+
+    return Posterior("arK", model, (lags, target), to_params, summary, draws)
+
+
+def garch11() -> Posterior:
+    """GARCH(1,1) with flat priors; beta1 = (1 - alpha1) u keeps its support fixed."""
+    data, summary, draws = _load("garch-garch11")
+    y = torch.tensor(data["y"], dtype=torch.float)
+    sigma1 = float(data["sigma1"])
+
+    def model(y):
+        mu = pyro.sample("mu", dist.ImproperUniform(constraints.real, (), ()))
+        alpha0 = pyro.sample("alpha0", dist.ImproperUniform(constraints.positive, (), ()))
+        alpha1 = pyro.sample("alpha1", dist.Uniform(0.0, 1.0))
+        u = pyro.sample("u", dist.Uniform(0.0, 1.0))
+        beta1 = (1.0 - alpha1) * u
+        pyro.factor("beta1_jacobian", torch.log1p(-alpha1))  # flat on beta1, not on u
+        var = torch.full_like(mu, sigma1**2)
+        scales = [var.sqrt()]
+        for t in range(1, len(y)):
+            var = alpha0 + alpha1 * (y[t - 1] - mu) ** 2 + beta1 * var
+            scales.append(var.sqrt())
+        # Scalars are () in a plain run and (S, 1) under a vectorised draw plate: join on
+        # the last dim either way.
+        scale = torch.cat([v.reshape(v.shape or (1,)) for v in scales], -1)
+        with pyro.plate("T", len(y)):
+            pyro.sample("y", dist.Normal(mu, scale), obs=y)
+
+    def to_params(d):
+        alpha1 = d["alpha1"].reshape(-1)
+        return {
+            "mu": d["mu"].reshape(-1),
+            "alpha0": d["alpha0"].reshape(-1),
+            "alpha1": alpha1,
+            "beta1": (1.0 - alpha1) * d["u"].reshape(-1),
+        }
+
+    return Posterior("garch11", model, (y,), to_params, summary, draws)
+
+
+def low_dim_gauss_mix() -> Posterior:
+    """Two-component mixture with ordered means (N = 1000)."""
+    data, summary, draws = _load("low_dim_gauss_mix-low_dim_gauss_mix")
+    y = torch.tensor(data["y"], dtype=torch.float)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.ImproperUniform(constraints.ordered_vector, (), (2,)))
+        pyro.factor("mu_prior", dist.Normal(0.0, 2.0).log_prob(mu).sum(-1))
+        sigma = pyro.sample("sigma", dist.HalfNormal(2.0 * torch.ones(2)).to_event(1))
+        theta = pyro.sample("theta", dist.Beta(5.0, 5.0))
+        weights = torch.stack([theta, 1.0 - theta], -1)
+        with pyro.plate("N", len(y)):
+            mixture = dist.MixtureSameFamily(
+                dist.Categorical(weights),
+                dist.Normal(mu, sigma),
+            )
+            pyro.sample("y", mixture, obs=y)
+
+    def to_params(d):
+        return {
+            **_flatten("mu", d["mu"]),
+            **_flatten("sigma", d["sigma"]),
+            "theta": d["theta"].reshape(-1),
+        }
+
+    return Posterior("low_dim_gauss_mix", model, (y,), to_params, summary, draws)
+
+
 def funnel(dim: int = 10) -> Posterior:
     """Neal's funnel: v ~ N(0, 3), x_i ~ N(0, exp(v / 2)). Scored on v and log|x_i|."""
 
@@ -93,6 +266,98 @@ def funnel(dim: int = 10) -> Posterior:
     lx = {"mean": -(0.5772156649 + math.log(2.0)) / 2, "sd": math.sqrt(9 / 4 + math.pi**2 / 8)}
     reference = {"v": {"mean": 0.0, "sd": 3.0}, **{f"log|x[{i + 1}]|": lx for i in range(dim - 1)}}
     return Posterior(f"funnel_d{dim}", model, (), to_params, reference, None, log_z=0.0)
+
+
+# Rezende & Mohamed (2015), section 6.1, on the box [-4, 4]^2 (U2-U4 do not confine z1; the
+# paper's figures show this box): z ~ Uniform(-4, 4)^2, p(z) proportional to exp(-U(z)).
+def _w1(z1):
+    return torch.sin(2 * math.pi * z1 / 4)
+
+
+def _energy(name, z):
+    z1, z2 = z[..., 0], z[..., 1]
+    w1 = _w1(z1)
+    w2 = 3 * torch.exp(-0.5 * ((z1 - 1) / 0.6) ** 2)
+    w3 = 3 * torch.sigmoid((z1 - 1) / 0.3)
+    if name == "U1":
+        ring = 0.5 * ((z.norm(dim=-1) - 2) / 0.4) ** 2
+        modes = torch.logsumexp(
+            torch.stack([-0.5 * ((z1 - 2) / 0.6) ** 2, -0.5 * ((z1 + 2) / 0.6) ** 2]), 0
+        )
+        return ring - modes
+    if name == "U2":
+        return 0.5 * ((z2 - w1) / 0.4) ** 2
+    if name == "U3":
+        a, b = -0.5 * ((z2 - w1) / 0.35) ** 2, -0.5 * ((z2 - w1 + w2) / 0.35) ** 2
+        return -torch.logsumexp(torch.stack([a, b]), 0)
+    a, b = -0.5 * ((z2 - w1) / 0.4) ** 2, -0.5 * ((z2 - w1 + w3) / 0.35) ** 2
+    return -torch.logsumexp(torch.stack([a, b]), 0)
+
+
+def energy(name: str) -> Posterior:
+    """A Rezende-Mohamed energy; reference moments, draws and log Z by quadrature on a grid."""
+
+    def model():
+        z = pyro.sample("z", dist.Uniform(-4.0 * torch.ones(2), 4.0).to_event(1))
+        pyro.factor("energy", -_energy(name, z))
+
+    n, half = 1601, 4.0
+    grid = torch.linspace(-half, half, n, dtype=torch.float64)
+    cell = (grid[1] - grid[0]) ** 2
+    z = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    log_p = -_energy(name, z) + math.log(1 / 64)  # the Uniform prior's density
+    log_z = float(torch.logsumexp(log_p, 0) + math.log(cell))
+    weights = torch.softmax(log_p, 0)
+    mean = (weights[:, None] * z).sum(0)
+    sd = ((weights[:, None] * (z - mean) ** 2).sum(0)).sqrt()
+    reference = {f"z[{i + 1}]": {"mean": float(mean[i]), "sd": float(sd[i])} for i in range(2)}
+    g = torch.Generator().manual_seed(0)
+    idx = torch.multinomial(weights, 10000, replacement=True, generator=g)
+    jitter = (torch.rand(10000, 2, generator=g, dtype=torch.float64) - 0.5) * (grid[1] - grid[0])
+    draws_ = z[idx] + jitter
+    ref_draws = {f"z[{i + 1}]": draws_[:, i] for i in range(2)}
+
+    def to_params(d):
+        return _flatten("z", d["z"].reshape(-1, 2))
+
+    return Posterior(name, model, (), to_params, reference, ref_draws, log_z=log_z)
+
+
+def logistic_regression() -> Posterior:
+    """Bayesian logistic regression on fixed synthetic data (N = 200, 5 features + intercept).
+
+    Reference: ``benchmarks/references/logistic_regression.json``, made by
+    ``python -m benchmarks.make_references`` (see there).
+    """
+    x, y = logistic_data()
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[1]), 2.5).to_event(1))
+        b = pyro.sample("b", dist.Normal(0.0, 2.5))
+        with pyro.plate("N", len(y)):
+            logits = b + (w * x).sum(-1)
+            pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
+
+    def to_params(d):
+        return {**_flatten("w", d["w"]), "b": d["b"].reshape(-1)}
+
+    path = Path(__file__).parent / "references" / "logistic_regression.json"
+    summary, draws = {}, None
+    if path.exists():
+        ref = json.loads(path.read_text())
+        summary = ref["parameters"]
+        draws = {k: torch.tensor(v, dtype=torch.float64) for k, v in ref["draws"].items()}
+    return Posterior("logistic_regression", model, (x, y), to_params, summary, draws)
+
+
+def logistic_data():
+    g = torch.Generator().manual_seed(2015)
+    x = torch.randn(200, 5, generator=g)
+    x[:, 1] = 0.8 * x[:, 0] + 0.6 * x[:, 1]  # correlated features
+    true_w = torch.tensor([1.5, -1.0, 0.5, 0.0, 2.0])
+    p = torch.sigmoid(x @ true_w - 0.5)
+    y = torch.bernoulli(p, generator=g)
+    return x, y
 
 
 def score(posterior: Posterior, draws: dict) -> dict:
@@ -134,4 +399,16 @@ def exact_draws(posterior: Posterior, num: int, seed: int = 0) -> dict:
     return {"v": v, "x": x}
 
 
-POSTERIORS = {"funnel_d10": funnel, "eight_schools_centered": eight_schools_centered}
+POSTERIORS = {
+    "eight_schools_noncentered": eight_schools_noncentered,
+    "eight_schools_centered": eight_schools_centered,
+    "diamonds": diamonds,
+    "kilpisjarvi": kilpisjarvi,
+    "sblrc_blr": sblrc_blr,
+    "arK": ar_k,
+    "garch11": garch11,
+    "low_dim_gauss_mix": low_dim_gauss_mix,
+    "funnel_d10": funnel,
+    **{name: functools.partial(energy, name) for name in ("U1", "U2", "U3", "U4")},
+    "logistic_regression": logistic_regression,
+}

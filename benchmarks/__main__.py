@@ -1,0 +1,81 @@
+"""Regenerate the benchmark results: ``python -m benchmarks``.
+
+    python -m benchmarks                      # accuracy runs, then RESULTS.md and plots
+    python -m benchmarks --steps 2000 --seeds 0 1 2 --workers 2
+    python -m benchmarks --report             # only re-render RESULTS.md from results/
+    python -m benchmarks --family             # every registered flow on a few posteriors
+    python -m benchmarks.cost --scaling       # ms/step and the d = 10 ... 10,000 sweep
+
+Accuracy rows are appended to ``results/accuracy.jsonl`` (one fresh process per run, see
+``benchmarks/accuracy.py``); the report keeps the newest row per (posterior, guide, seed,
+steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .accuracy import guide_factories, run_all
+from .posteriors import POSTERIORS
+
+RESULTS = Path(__file__).parent / "results"
+FAMILY_POSTERIORS = ["funnel_d10", "eight_schools_centered", "garch11", "U3"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--posteriors", nargs="*", default=None)
+    parser.add_argument("--guides", nargs="*", default=None)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--family", action="store_true")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if not args.report:
+        if args.family:
+            from .accuracy import family_factories
+
+            guides = args.guides or list(family_factories())
+            posteriors = args.posteriors or FAMILY_POSTERIORS
+        else:
+            guides = args.guides or list(guide_factories(10))
+            posteriors = args.posteriors or list(POSTERIORS)
+        jobs = [
+            {"posterior": p, "guide": g, "seed": s, "steps": args.steps, "family": args.family}
+            for p in posteriors
+            for g in guides
+            for s in args.seeds
+        ]
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = RESULTS / ("family.jsonl" if args.family else "accuracy.jsonl")
+        print(f"{len(jobs)} runs, {args.workers} at a time; appending to {out}", flush=True)
+
+        def on_result(row):
+            row = {**row, "steps_budget": args.steps}
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            brief = {
+                k: row.get(k)
+                for k in (
+                    "posterior",
+                    "guide",
+                    "max_dmean",
+                    "max_dlogsd",
+                    "k_hat",
+                    "steps",
+                    "error",
+                )
+            }
+            print(json.dumps(brief), flush=True)
+
+        run_all(jobs, args.workers, on_result)
+    from .report import render
+
+    render()
+
+
+if __name__ == "__main__":
+    main()
