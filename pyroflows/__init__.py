@@ -1,6 +1,6 @@
 """pyroflows: normalizing-flow variational inference for Pyro."""
 
-from . import supports, transforms
+from . import distributed, supports, transforms
 from .diagnostics import (
     importance_resample,
     khat_threshold,
@@ -20,6 +20,7 @@ __all__ = [
     "FitError",
     "FitResult",
     "ImportanceWeightedELBO",
+    "distributed",
     "fit",
     "importance_resample",
     "init_to_median",

@@ -143,6 +143,7 @@ def fit(
     num_decays: int = 3,
     clip: float = 10.0,
     diagnose: bool = True,
+    distributed: bool = False,
     model_kwargs: dict | None = None,
     **kwargs,
 ) -> FitResult:
@@ -180,6 +181,12 @@ def fit(
         diagnose: after fitting an ``AutoContinuous`` guide (such as ``AutoFlowGuide``),
             compute the PSIS k-hat (:func:`~pyroflows.psis_diagnostic`, 1000 draws) and warn
             if the fit cannot be trusted.
+        distributed: data-parallel SVI over a ``torch.distributed`` process group (started
+            from torchrun's environment if needed): each rank passes its shard of the data
+            (:func:`pyroflows.distributed.shard`), observed sites are scaled by the number of
+            ranks, gradients and losses are averaged, parameters broadcast from rank 0 (see
+            :mod:`pyroflows.distributed`). Only rank 0 shows progress; the k-hat diagnostic,
+            which needs the full data, is skipped.
 
     Raises:
         FitError: the loss or a gradient became NaN or infinite. The message names the step
@@ -215,9 +222,19 @@ def fit(
     if seed is not None:
         pyro.set_rng_seed(seed)
     elbo, stl = _objective(loss, num_particles, guide)
+    if distributed:
+        from . import distributed as dist_
+
+        dist_.init()
+        model = dist_.ScaleObserved(dist_.world_size())(model)
+        if dist_.rank() != 0:
+            progress = False
+        diagnose = False
     window = window or min(max(num_steps // 40, 100), 250)
     plateau = _Plateau(window, patience)
-    update = _Update(optim, lr, clip)
+    update = _Update(optim, lr, clip, distributed)
+    if distributed:
+        update.setup_guide(guide, args, kwargs)
     report = _Progress(progress, num_steps)
     losses: list[float] = []
     lr_history: list[float] = []
@@ -336,9 +353,11 @@ def _plateau_reason(schedule, decays, plateau):
 class _Update:
     """One SVI step: parameters traced as ``SVI.step`` does, then a guarded update."""
 
-    def __init__(self, optim, lr, clip):
+    def __init__(self, optim, lr, clip, distributed=False):
         self.optim = optim
         self.clip = clip
+        self.distributed = distributed
+        self.synced: set[int] = set()
         self.torch_optim: torch.optim.Adam | None = None
         self.known: set[int] = set()
         self.names: dict[int, str] = {}
@@ -366,6 +385,8 @@ class _Update:
             for name, site in param_capture.trace.nodes.items()
             if site["type"] == "param"
         }
+        if self.distributed:
+            value = self._synchronise(params, value)
         try:
             self._check(value, params, model, guide, args, kwargs, step)
             if self.optim is not None:
@@ -375,6 +396,28 @@ class _Update:
         finally:
             pyro.infer.util.zero_grads(set(params))
         return float(value)
+
+    def setup_guide(self, guide, args, kwargs):
+        """Create the guide's parameters now and make every rank hold rank 0's."""
+        from . import distributed as dist_
+
+        with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
+            guide(*args, **kwargs)
+        if isinstance(guide, torch.nn.Module):
+            tensors = list(guide.parameters())
+            dist_.broadcast_(tensors)
+            self.synced.update(id(p) for p in tensors)
+
+    def _synchronise(self, params, value):
+        from . import distributed as dist_
+
+        fresh = [p for p in params if id(p) not in self.synced]
+        if fresh:  # e.g. pyro.param sites of the model, created at the first step
+            dist_.broadcast_(fresh)
+            self.synced.update(id(p) for p in fresh)
+        dist_.average_gradients_(list(params))
+        device = next(iter(params)).device if params else None
+        return dist_.average_scalar(float(value), device)
 
     def _torch_step(self, params, lr):
         fresh = [p for p in params if id(p) not in self.known]
