@@ -88,7 +88,10 @@ def psis(log_weights: Tensor) -> tuple[Tensor, float]:
         elif torch.isfinite(cutoff):
             exceed = log_w[tail_idx].exp() - cutoff.exp()
             if bool((exceed > 0).any()):
-                k, sigma = fit_generalized_pareto(exceed)
+                try:
+                    k, sigma = fit_generalized_pareto(exceed)
+                except ZeroDivisionError:  # a degenerate fit: no finite shape to report
+                    k, sigma = math.inf, 0.0
                 if math.isfinite(k) and sigma > 0:
                     p = (torch.arange(1, tail_len + 1, dtype=log_w.dtype) - 0.5) / tail_len
                     quantiles = _gpd_quantile(p, k, sigma) + cutoff.exp()

@@ -401,10 +401,20 @@ class _Update:
         """Create the guide's parameters now and make every rank hold rank 0's."""
         from . import distributed as dist_
 
-        with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
-            guide(*args, **kwargs)
+        # A guide that sets itself up from the model (AutoFlowGuide's Laplace start) sees
+        # the shard with the likelihood scaled as in training: rank 0's result is then
+        # broadcast, so all ranks start alike.
+        held = getattr(guide, "_model", None)  # an AutoGuide keeps its model as a 1-tuple
+        if isinstance(held, tuple) and len(held) == 1:
+            guide._model = (dist_.ScaleObserved(dist_.world_size())(held[0]),)
+        try:
+            with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
+                guide(*args, **kwargs)
+        finally:
+            if isinstance(held, tuple):
+                guide._model = held
         if isinstance(guide, torch.nn.Module):
-            tensors = list(guide.parameters())
+            tensors = list(guide.parameters()) + list(guide.buffers())
             dist_.broadcast_(tensors)
             self.synced.update(id(p) for p in tensors)
 

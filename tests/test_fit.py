@@ -186,7 +186,7 @@ def test_stl_and_iw_losses_train_and_leave_the_guide_as_it_was():
     y = torch.randn(10)
     for loss in ("stl", "iwae", "dreg"):
         pyro.clear_param_store()
-        guide = AutoFlowGuide(normal_mean, flow="realnvp", hidden_dims=[8])
+        guide = AutoFlowGuide(normal_mean, flow="realnvp", hidden_dims=[8], init="prior")
         result = fit(
             normal_mean, guide, y, 1.0, loss=loss, num_particles=4, num_steps=500, lr=0.03, **QUIET
         )

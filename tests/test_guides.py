@@ -1,6 +1,7 @@
 """AutoFlowGuide behaves as a Pyro user expects of an autoguide."""
 
 import io
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -91,7 +92,7 @@ def test_untrained_guide_starts_exactly_where_autonormal_starts():
         pyro.sample("a", dist.Normal(1.0, 2.0))
         pyro.sample("b", dist.Gamma(torch.tensor([2.0, 3.0]), 1.0).to_event(1))
 
-    ours = AutoFlowGuide(model, init_scale=0.3, init_loc_fn=init_to_median)
+    ours = AutoFlowGuide(model, init_scale=0.3, init_loc_fn=init_to_median, init="prior")
     theirs = AutoNormal(model, init_scale=0.3, init_loc_fn=init_to_median)
     pyro.set_rng_seed(3)
     ours()
@@ -131,7 +132,7 @@ def test_median_and_quantiles_of_a_known_distribution():
     def model():
         pyro.sample("s", dist.LogNormal(0.0, 1.0))
 
-    guide = AutoFlowGuide(model, init_scale=0.5)
+    guide = AutoFlowGuide(model, init_scale=0.5, init="prior")
     guide()
     median = guide.median()["s"]
     assert torch.allclose(median, guide.loc.exp(), rtol=0.03)  # median of a LogNormal
@@ -392,3 +393,43 @@ def test_affine_auto_is_full_only_for_coupling_stacks():
     forced = AutoFlowGuide(line_model, flow="iaf", affine="full", **SMALL)
     forced(x, y)
     assert forced.full_rank and forced.scale_tril.shape == (3, 3)
+
+
+def test_auto_init_starts_at_the_laplace_approximation_exact_for_a_gaussian_posterior():
+    x = torch.randn(30, 3)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(30)
+
+    def regression(x, y):
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal((x * beta).sum(-1), 0.3), obs=y)
+
+    precision = torch.eye(3) + x.T @ x / 0.09
+    cov = torch.linalg.inv(precision)
+    mean = cov @ (x.T @ y) / 0.09
+    guide = AutoFlowGuide(regression)
+    guide(x, y)
+    assert guide.preconditioned
+    transform = guide._affine_transform()  # identity flow: q is this affine of N(0, I)
+    assert torch.allclose(transform.loc, mean, atol=1e-4)
+    assert torch.allclose(transform.scale_tril @ transform.scale_tril.T, cov, atol=1e-5)
+    # and it survives save/load
+    fresh = AutoFlowGuide(regression, name="restored")
+    fresh.load_state_dict(guide.state_dict())
+    assert fresh.preconditioned and torch.equal(fresh.precond, guide.precond)
+
+
+def test_auto_init_falls_back_to_the_prior_start_where_there_is_no_mode():
+    def funnel():
+        v = pyro.sample("v", dist.Normal(0.0, 3.0))
+        with pyro.plate("i", 4):
+            pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2)))
+
+    guide = AutoFlowGuide(funnel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failed search stays quiet
+        guide()
+    assert not guide.preconditioned
+    assert torch.equal(guide.precond, torch.eye(5))
+    with pytest.raises(ValueError, match="init must be"):
+        AutoFlowGuide(funnel, init="map")

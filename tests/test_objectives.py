@@ -35,6 +35,7 @@ def guide_at(loc, scale):
         flow="realnvp",
         hidden_dims=[4],
         init_loc_fn=init_to_value(values={"mu": torch.tensor(loc)}),
+        init="prior",
         init_scale=scale,
     )
     guide(Y)
