@@ -62,10 +62,12 @@ def guide_factories(dim: int) -> dict:
     factories = {
         "AutoNormal": lambda m: AutoNormal(m, init_loc_fn=init_to_median),
         "AutoMultivariateNormal": lambda m: AutoMultivariateNormal(m, init_loc_fn=init_to_median),
-        "AutoIAFNormal": lambda m: AutoIAFNormal(m, init_loc_fn=init_to_median),
+        # AutoIAFNormal ignores init_loc_fn (init_to_feasible): same inner InitMessenger
+        "AutoIAFNormal": lambda m: AutoIAFNormal(InitMessenger(init_to_median)(m)),
         "Pyro planar x4": functools.partial(pyro_flow, planar),
         "Pyro spline_coupling x4": functools.partial(pyro_flow, spline_coupling),
         "AutoFlowGuide": AutoFlowGuide,
+        "AutoFlowGuide init='prior'": functools.partial(AutoFlowGuide, init="prior"),
         # matched architectures: the same layers and widths as the Pyro guide beside them
         "AutoFlowGuide iaf x1 [3d+1] (= AutoIAFNormal)": functools.partial(
             AutoFlowGuide, flow="iaf", num_layers=1, hidden_dims=[3 * dim + 1]

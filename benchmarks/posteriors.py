@@ -329,7 +329,7 @@ def logistic_regression() -> Posterior:
     Reference: ``benchmarks/references/logistic_regression.json``, made by
     ``python -m benchmarks.make_references`` (see there).
     """
-    x, y = logistic_data()
+    x, y = (t.to(torch.get_default_dtype()) for t in logistic_data())
 
     def model(x, y):
         w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[1]), 2.5).to_event(1))
@@ -351,10 +351,12 @@ def logistic_regression() -> Posterior:
 
 
 def logistic_data():
+    # Explicit float32: the draws of a generator depend on the dtype, and the data must not
+    # change with torch's default dtype.
     g = torch.Generator().manual_seed(2015)
-    x = torch.randn(200, 5, generator=g)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float32)
     x[:, 1] = 0.8 * x[:, 0] + 0.6 * x[:, 1]  # correlated features
-    true_w = torch.tensor([1.5, -1.0, 0.5, 0.0, 2.0])
+    true_w = torch.tensor([1.5, -1.0, 0.5, 0.0, 2.0], dtype=torch.float32)
     p = torch.sigmoid(x @ true_w - 0.5)
     y = torch.bernoulli(p, generator=g)
     return x, y
