@@ -24,7 +24,6 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-import pyro.distributions as dist
 import torch
 from pyro.ops.stats import fit_generalized_pareto
 from torch import Tensor
@@ -416,7 +415,7 @@ def log_evidence(model, guide, *args, num_samples: int = 10000, **kwargs) -> Evi
         True
     """
     draws = draw(model, guide, args, kwargs, num_samples)
-    _refuse_improper(draws, model, guide, args, kwargs)
+    _refuse_improper(draws)
     log_w = draws.log_weights.double()
     diagnostic = _psis_result(log_w)
     estimate = float(torch.logsumexp(log_w, 0) - math.log(num_samples))
@@ -431,28 +430,14 @@ def log_evidence(model, guide, *args, num_samples: int = 10000, **kwargs) -> Evi
     return Evidence(estimate, mcse, diagnostic)
 
 
-def _refuse_improper(draws, model, guide, args, kwargs):
-    from pyro import poutine
-
-    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"] and _improper(site["fn"]):
+def _refuse_improper(draws: Draws):
+    for name, site in draws.sites.items():
+        if site.improper:
             raise ValueError(
-                f"log_evidence: latent site {name!r} has an improper (flat) prior "
-                f"({type(site['fn']).__name__}); the evidence p(data) is undefined. Give it a "
-                "proper prior to compare models by evidence."
+                f"log_evidence: latent site {name!r} has an improper (flat) prior; the "
+                "evidence p(data) is undefined. Give it a proper prior to compare models by "
+                "evidence."
             )
-
-
-def _improper(fn) -> bool:
-    while True:
-        if isinstance(fn, dist.ImproperUniform):
-            return True
-        base = getattr(fn, "base_dist", None)
-        if base is None:
-            return False
-        fn = base
 
 
 def neutra(

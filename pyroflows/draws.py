@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
@@ -21,7 +22,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-__all__ = ["Draws", "SiteInfo", "draw", "evaluate_at", "log_joint_at"]
+__all__ = ["Draws", "SiteInfo", "draw", "evaluate_at", "log_joint_at", "sum_per_draw"]
 
 _PLATE = "_pyroflows_draws"
 
@@ -37,6 +38,7 @@ class SiteInfo:
     support: object = None
     plates: dict[int, str] = field(default_factory=dict)  # value-shape index -> plate name
     in_guide: bool = True
+    improper: bool = False  # an ImproperUniform (flat) prior, possibly wrapped
 
 
 @dataclass
@@ -153,21 +155,17 @@ class _Predict(Messenger):
             msg["done"] = False
 
 
-class _plain_scoring:
+@contextmanager
+def _plain_scoring(guide):
     """Score draws with the guide's live parameters (the cheap forward pass), not STL."""
-
-    def __init__(self, guide):
-        self.guide = guide
-
-    def __enter__(self):
-        self.before = getattr(self.guide, "stl", None)
-        if self.before:
-            self.guide.stl = False
-
-    def __exit__(self, *exc):
-        if self.before:
-            self.guide.stl = self.before
-        return False
+    before = getattr(guide, "stl", False)
+    if before:
+        guide.stl = False
+    try:
+        yield
+    finally:
+        if before:
+            guide.stl = before
 
 
 def _traces(model, guide, args, kwargs):
@@ -215,8 +213,17 @@ def _site_infos(model_trace, guide_trace):
             support=fn.support if kind == "latent" else None,
             plates=plates,
             in_guide=name in guide_trace.nodes,
+            improper=kind == "latent" and _improper(fn),
         )
     return sites, max(dims)
+
+
+def _improper(fn) -> bool:
+    while fn is not None:
+        if isinstance(fn, dist.ImproperUniform):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
 
 
 def _chunks(total, size):
@@ -266,9 +273,9 @@ def _collect(model_trace, guide_trace, sites, num, mpn, proposal=True):
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     values, log_lik = {}, {}
-    log_joint = sum(_per_draw(s["log_prob"], num, mpn) for s in _samples(model_trace))
+    log_joint = sum(sum_per_draw(s["log_prob"], num, mpn) for s in _samples(model_trace))
     log_q = sum(
-        (_per_draw(s["log_prob"], num, mpn) for s in _samples(guide_trace)), torch.zeros(())
+        (sum_per_draw(s["log_prob"], num, mpn) for s in _samples(guide_trace)), torch.zeros(())
     )
     for name, info in sites.items():
         site = model_trace.nodes[name]
@@ -288,7 +295,7 @@ def _collect(model_trace, guide_trace, sites, num, mpn, proposal=True):
         if proposal and info.kind == "latent" and not info.in_guide:
             # Drawn by the model itself (from its prior): part of the proposal, so its
             # density belongs in log q too, or the weights are wrong.
-            log_q = log_q + _per_draw(site["log_prob"], num, mpn)
+            log_q = log_q + sum_per_draw(site["log_prob"], num, mpn)
     return {
         "values": values,
         "log_likelihood": log_lik,
@@ -311,8 +318,11 @@ def _unvectorize(value, num, mpn, shape, batch_ndim):
     return value.reshape((num, *tuple(shape)))
 
 
-def _per_draw(log_prob, num, mpn):
-    """A site's log-density summed over everything but the draw dimension."""
+def sum_per_draw(log_prob, num, mpn):
+    """A site's log-density summed over everything but the draw dimension.
+
+    The draw dimension is ``-(mpn + 1)``; ``mpn=None`` means a plain run (one draw).
+    """
     log_prob = torch.as_tensor(log_prob)
     if mpn is None or log_prob.dim() < mpn + 1:
         return log_prob.sum().expand(num) if mpn is not None else log_prob.sum().reshape(1)

@@ -39,7 +39,7 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.optim import PyroOptim
 
-from .objectives import ImportanceWeightedELBO, stopped_scoring
+from .objectives import ImportanceWeightedELBO, check_stopped_scoring, stopped_scoring
 
 __all__ = ["FitError", "FitResult", "FitState", "fit"]
 
@@ -298,8 +298,7 @@ def _objective(loss, num_particles, guide):
     if num_particles < 1:
         raise ValueError(f"num_particles must be at least 1, got {num_particles}")
     if loss in ("stl", "dreg"):
-        with stopped_scoring(guide):  # fails now, with a clear message, for other guides
-            pass
+        check_stopped_scoring(guide)  # fail now, with a clear message
     if loss in ("iwae", "dreg"):
         return ImportanceWeightedELBO(num_particles, dreg=loss == "dreg"), False
     vectorize = num_particles > 1

@@ -405,18 +405,22 @@ class AutoFlowGuide(AutoContinuous):
         finite = log_w[torch.isfinite(log_w)]
         return bool(psis(log_w)[1] < 0.7 or (len(finite) == num and finite.std() < 1.0))
 
-    def _unpack_with_log_det(self, u: Tensor):
-        """One unconstrained vector -> ``{site: constrained value}`` and ``log|dz/du|``."""
-        values, log_det, pos = {}, 0.0, 0
+    def _split_latent(self, latent: Tensor):
+        """``(name, biject_to transform, unconstrained piece (*batch, *shape))`` per site."""
+        batch, pos = latent.shape[:-1], 0
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             shape = self._unconstrained_shapes[name]
             size = math.prod(shape)
-            piece = u[pos : pos + size].reshape(shape)
-            transform = biject_to(site["fn"].support)
-            value = transform(piece)
-            log_det = log_det + transform.log_abs_det_jacobian(piece, value).sum()
-            values[name] = value
+            piece = latent[..., pos : pos + size].reshape(batch + tuple(shape))
+            yield name, biject_to(site["fn"].support), piece
             pos += size
+
+    def _unpack_with_log_det(self, u: Tensor):
+        """One unconstrained vector -> ``{site: constrained value}`` and ``log|dz/du|``."""
+        values, log_det = {}, 0.0
+        for name, transform, piece in self._split_latent(u):
+            values[name] = transform(piece)
+            log_det = log_det + transform.log_abs_det_jacobian(piece, values[name]).sum()
         return values, log_det
 
     def _check_site(self, name, site):
@@ -540,10 +544,11 @@ class AutoFlowGuide(AutoContinuous):
         # The affine caches too: scoring the guide's own sample then inverts nothing (an
         # uncached affine would hand the flow a new tensor and force a real inverse pass).
         if self.preconditioned:  # fold the fixed preconditioner into one affine map
-            tril = self.scale_tril.detach() if stop else self.scale_tril
-            return LowerCholeskyAffine(
-                self.center + self.precond @ loc, self.precond @ tril, cache_size=1
-            )
+            if self.full_rank:
+                tril = self.precond @ (self.scale_tril.detach() if stop else self.scale_tril)
+            else:  # P diag(s): scale P's columns, O(D^2) rather than a D^3 product
+                tril = self.precond * (self.scale.detach() if stop else self.scale)
+            return LowerCholeskyAffine(self.center + self.precond @ loc, tril, cache_size=1)
         if self.full_rank:
             tril = self.scale_tril.detach() if stop else self.scale_tril
             return LowerCholeskyAffine(loc, tril, cache_size=1)
@@ -626,15 +631,7 @@ class AutoFlowGuide(AutoContinuous):
         for vectorised inference), each site gets a plain leading dimension ``N``.
         """
         self._require_setup()
-        num = latent.shape[0]
-        out, pos = {}, 0
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            shape = self._unconstrained_shapes[name]
-            size = math.prod(shape)
-            u = latent[..., pos : pos + size].reshape(num, *shape)
-            out[name] = biject_to(site["fn"].support)(u)
-            pos += size
-        return out
+        return {name: transform(piece) for name, transform, piece in self._split_latent(latent)}
 
     def quantiles(self, quantiles, *args, num_samples: int = 4000, **kwargs):
         """Elementwise posterior quantiles of each site, estimated from ``num_samples`` draws.

@@ -15,7 +15,9 @@ from pyro.infer import ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.util import warn_if_nan
 
-__all__ = ["ImportanceWeightedELBO", "stopped_scoring"]
+from .draws import sum_per_draw
+
+__all__ = ["ImportanceWeightedELBO", "check_stopped_scoring", "stopped_scoring"]
 
 
 class ImportanceWeightedELBO(ELBO):
@@ -74,9 +76,11 @@ class ImportanceWeightedELBO(ELBO):
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
         model_trace, guide_trace = self._get_vectorized_trace(model, guide, args, kwargs)
-        k, dim = self.num_particles, -self.max_plate_nesting
-        log_p = sum(_per_particle(s["log_prob"], k, dim) for s in _samples(model_trace))
-        log_q = sum(_per_particle(s["log_prob"], k, dim) for s in _samples(guide_trace))
+        # The particle plate sits at dim -max_plate_nesting (none for a single particle).
+        k = self.num_particles
+        mpn = self.max_plate_nesting - 1 if k > 1 else None
+        log_p = sum(sum_per_draw(s["log_prob"], k, mpn) for s in _samples(model_trace))
+        log_q = sum(sum_per_draw(s["log_prob"], k, mpn) for s in _samples(guide_trace))
         return log_p - log_q, guide_trace
 
     def loss(self, model, guide, *args, **kwargs):
@@ -127,6 +131,17 @@ def stopped_scoring(guide):
         >>> guide.stl
         False
     """
+    check_stopped_scoring(guide)
+    before = guide.stl
+    guide.stl = True
+    try:
+        yield guide
+    finally:
+        guide.stl = before
+
+
+def check_stopped_scoring(guide) -> None:
+    """Raise a clear error unless ``guide`` can score its draws with stopped parameters."""
     if not hasattr(guide, "stl") or not hasattr(guide, "latent_site_name"):
         raise TypeError(
             f"{type(guide).__name__} cannot score its draws with stopped parameters; "
@@ -139,25 +154,10 @@ def stopped_scoring(guide):
             "draws with stopped parameters (loss='stl' or 'dreg'); use a coupling or "
             "autoregressive flow, or loss='elbo' / 'iwae'"
         )
-    before = guide.stl
-    guide.stl = True
-    try:
-        yield guide
-    finally:
-        guide.stl = before
 
 
 def _samples(trace):
     return (s for s in trace.nodes.values() if s["type"] == "sample")
-
-
-def _per_particle(log_prob, num_particles: int, dim: int):
-    """Sum a site's log-density over every dimension but the particle dimension ``dim``."""
-    if num_particles == 1:
-        return log_prob.sum().reshape(1)
-    if log_prob.dim() < -dim:
-        return log_prob.sum().expand(num_particles)
-    return log_prob.movedim(dim, 0).reshape(log_prob.shape[dim], -1).sum(-1).expand(num_particles)
 
 
 def _log_mean_exp(log_w):
