@@ -1,6 +1,7 @@
 """pyroflows: normalizing-flow variational inference for Pyro."""
 
 from . import distributed, supports, transforms
+from .density import DensityFit, Flow
 from .diagnostics import (
     importance_resample,
     khat_threshold,
@@ -17,8 +18,10 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AutoFlowGuide",
+    "DensityFit",
     "FitError",
     "FitResult",
+    "Flow",
     "ImportanceWeightedELBO",
     "distributed",
     "fit",

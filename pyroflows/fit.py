@@ -528,7 +528,7 @@ def _diagnose(model, guide, args, kwargs):
 class _Progress:
     """A tqdm bar on an interactive stderr, else a plain line every tenth of the run."""
 
-    def __init__(self, progress, num_steps):
+    def __init__(self, progress, num_steps, label="ELBO", sign=-1.0):
         if progress not in (True, False, "bar", "log"):
             raise ValueError(f"progress must be True, False, 'bar' or 'log', got {progress!r}")
         self.mode = None
@@ -540,6 +540,7 @@ class _Progress:
         elif progress:
             self.mode = "log"
         self.num_steps = num_steps
+        self.label, self.sign = label, sign
         self.every = max(1, num_steps // 10)
         self.start = time.perf_counter()
 
@@ -547,11 +548,12 @@ class _Progress:
         if self.mode == "bar":
             self.bar.update(1)
             if step % 50 == 0 or step == 1:
-                self.bar.set_postfix_str(f"ELBO {-smoothed:.4g}", refresh=False)
+                self.bar.set_postfix_str(f"{self.label} {self.sign * smoothed:.4g}", refresh=False)
         elif self.mode == "log" and step % self.every == 0:
             elapsed = time.perf_counter() - self.start
             print(
-                f"fit: step {step}/{self.num_steps}  ELBO {-smoothed:.4g}  ({elapsed:.1f} s)",
+                f"fit: step {step}/{self.num_steps}  {self.label} {self.sign * smoothed:.4g}"
+                f"  ({elapsed:.1f} s)",
                 file=sys.stderr,
             )
 

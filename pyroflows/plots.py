@@ -7,7 +7,7 @@ import math
 __all__ = ["plot_losses"]
 
 
-def plot_losses(losses, ax=None, smooth: int | None = None):
+def plot_losses(losses, ax=None, smooth: int | None = None, ylabel="loss (negative ELBO)"):
     """The loss per step with its running mean; returns the ``Axes``.
 
     Example:
@@ -37,6 +37,6 @@ def plot_losses(losses, ax=None, smooth: int | None = None):
         if math.isfinite(low) and math.isfinite(high):
             ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (negative ELBO)")
+    ax.set_ylabel(ylabel)
     ax.legend(frameon=False)
     return ax
