@@ -62,6 +62,7 @@ def test_fit_recovers_a_gaussian_and_beats_it_on_a_mixture():
 
     # Two well-separated blobs: a Gaussian cannot fit them, the flow must do much better.
     centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
+
     def blobs(n):
         return centres[torch.randint(2, (n,))] + 0.3 * torch.randn(n, 2)
 
