@@ -120,6 +120,8 @@ class PSISResult:
         num_samples: ``S``, the number of guide draws.
         ess: effective sample size of the smoothed importance weights.
         log_weights: the normalised smoothed log weights, ``(S,)``.
+        elbo: the mean raw log weight: a Monte Carlo estimate of the ELBO (log p(data) minus
+            KL(q || posterior)), comparable between guides of the same model.
     """
 
     k_hat: float
@@ -127,6 +129,7 @@ class PSISResult:
     num_samples: int
     ess: float
     log_weights: Tensor = field(repr=False)
+    elbo: float = math.nan
 
     @property
     def ok(self) -> bool:
@@ -177,7 +180,8 @@ def psis_diagnostic(model, guide, *args, num_samples: int = 1000, **kwargs) -> P
 def _psis_result(log_weights) -> PSISResult:
     smoothed, k = psis(log_weights)
     num = log_weights.shape[0]
-    return PSISResult(k, khat_threshold(num), num, _ess(smoothed), smoothed)
+    elbo = log_weights.mean().item()
+    return PSISResult(k, khat_threshold(num), num, _ess(smoothed), smoothed, elbo)
 
 
 @dataclass

@@ -76,6 +76,16 @@ def test_khat_passes_a_fitted_flow_on_the_same_target(flow_guide):
     result = psis_diagnostic(correlated, flow_guide, num_samples=4000)
     assert result.ok, result.summary()
     assert result.ess > 2000
+    assert result.elbo == pytest.approx(0.0, abs=0.03)  # log Z = 0: the flow is nearly exact
+
+
+def test_elbo_estimate_matches_the_exact_mean_field_gap(mean_field):
+    # The best product of normals has variances 1/Lambda_ii (Lambda = COV^-1), and
+    # KL(q || p) = (sum log Lambda_ii + log det COV) / 2; log Z = 0, so ELBO = -KL.
+    precision = torch.linalg.inv(COV).diagonal()
+    kl = 0.5 * (precision.log().sum() + torch.logdet(COV)).item()
+    result = psis_diagnostic(correlated, mean_field, num_samples=8000)
+    assert result.elbo == pytest.approx(-kl, abs=0.05)
 
 
 def test_importance_resampling_recovers_the_correlation(mean_field):
