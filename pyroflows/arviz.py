@@ -1,6 +1,6 @@
 r"""Guide draws as ``arviz.InferenceData`` (the only module that imports ArviZ).
 
-ArviZ's ``az.from_pyro`` takes only MCMC runs; :func:`to_inference_data` does the same for
+ArviZ's ``az.from_pyro`` takes only MCMC runs; ``to_inference_data`` does the same for
 any fitted guide. What you get:
 
 - ``posterior``: ``num_samples`` draws of every latent site in constrained space and of every
@@ -18,7 +18,7 @@ any fitted guide. What you get:
 Guide draws are not MCMC draws. R-hat and MCMC ESS mean nothing for them (one "chain" of
 independent draws: use ``az.summary(idata, kind="stats")``), and they follow ``q``, not the
 posterior. With ``resample=True`` the draws are importance-resampled with Pareto-smoothed
-weights ``p/q`` (:func:`~pyroflows.importance_resample`), which corrects them when k-hat is
+weights ``p/q`` (``importance_resample``), which corrects them when k-hat is
 below its threshold; use those for ``az.loo`` (LOO on raw guide draws is biased; Magnusson
 et al. 2019, arXiv:1904.10679).
 """

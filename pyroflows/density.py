@@ -8,7 +8,7 @@ maximum likelihood, sampled from, and -- with ``context_dim`` -- conditional on 
 A ``Flow`` is an ``nn.Module`` whose call returns a Pyro distribution, so it also drops into
 a Pyro model or guide: ``pyro.module("flow", flow)`` then ``pyro.sample("x", flow(c))``.
 
-Data are modelled in standardised units: the first :meth:`Flow.fit` (with
+Data are modelled in standardised units: the first ``Flow.fit`` (with
 ``standardize=True``) stores the data's mean and standard deviation as buffers and the flow
 ends with that fixed affine map, so a default architecture fits data on any scale. Scoring
 needs the flow's inverse: coupling and autoregressive families have one (``nsf`` and
@@ -38,7 +38,7 @@ __all__ = ["DensityFit", "Flow"]
 
 @dataclass
 class DensityFit:
-    """What :meth:`Flow.fit` returns.
+    """What ``Flow.fit`` returns.
 
     Attributes:
         losses: mean negative log-likelihood per datum, one per step (on the mini-batch).
@@ -72,7 +72,7 @@ class Flow(nn.Module):
     Arguments:
         dim: dimension of the data.
         flow: a registry spec (a name such as ``"nsf"``, a list of names, a
-            ``TransformModule`` or a callable), as for :func:`pyroflows.transforms.build`.
+            ``TransformModule`` or a callable), as for ``pyroflows.transforms.build``.
             The default pairs an affine coupling, which sets location and scale, with a
             spline coupling, which shapes: a spline alone is the identity outside its
             interval, so where the data are much narrower than the base (a sharp
@@ -204,7 +204,7 @@ class Flow(nn.Module):
             standardize: on the first fit, store the data's mean and standard deviation so
                 the flow works in standardised units (see the module docstring).
             validation: held-out data (or ``(data, context)``) scored after training.
-            progress: as for :func:`pyroflows.fit`.
+            progress: as for ``pyroflows.fit``.
             seed: seeds torch's generator first.
 
         Raises:

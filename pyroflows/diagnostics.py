@@ -9,7 +9,7 @@ arXiv:1507.02646) says how far that can be trusted (Yao et al. 2018, arXiv:1802.
   200): the weights have enough finite moments for importance-weighted estimates to be
   reliable, and the guide is close to the posterior in the directions that matter;
 - above that threshold: importance-weighted estimates are unreliable and the guide should
-  not be trusted (fit longer, choose a richer flow, or run :func:`neutra`).
+  not be trusted (fit longer, choose a richer flow, or run ``neutra``).
 
 Every function here draws from the guide, re-runs the model at each draw and needs a model
 whose log density can be evaluated (all latents either guided or drawn by the model from
@@ -236,7 +236,7 @@ def importance_resample(
     missing correlations) at the cost of one model evaluation per draw per try.
 
     Arguments:
-        model, guide, args, kwargs: as for :func:`psis_diagnostic`.
+        model, guide, args, kwargs: as for ``psis_diagnostic``.
         num_samples: proposals drawn from the guide.
         num_draws: draws returned (default ``num_samples``).
         adapt: allow moment matching (only when every latent site is guided).

@@ -117,7 +117,7 @@ def draw(
 def evaluate_at(model, args, kwargs, draws: Draws, values: dict[str, Tensor]) -> dict:
     """The model at given latent values (``(S, *shape)`` per latent site), vectorised.
 
-    Returns ``{"values", "log_likelihood", "log_joint"}`` as :func:`draw` computes them
+    Returns ``{"values", "log_likelihood", "log_joint"}`` as ``draw`` computes them
     (``values`` holds the deterministic sites).
     """
     num = next(iter(values.values())).shape[0]

@@ -68,7 +68,7 @@ class FitState:
 
 @dataclass
 class FitResult:
-    """The outcome of :func:`fit`.
+    """The outcome of ``fit``.
 
     Attributes:
         guide: the fitted guide (its parameters are those of the last step).
@@ -163,14 +163,14 @@ def fit(
             gradients, Roeder et al. 2017, arXiv:1703.09194: zero variance at the optimum,
             one inverse pass of the flow per step), ``"iwae"`` (importance-weighted bound with
             ``num_particles`` draws), ``"dreg"`` (the same bound with doubly-reparametrised
-            gradients, see :class:`~pyroflows.objectives.ImportanceWeightedELBO`), or any Pyro
+            gradients, see ``ImportanceWeightedELBO``), or any Pyro
             ``ELBO`` instance (e.g. ``TraceEnum_ELBO(max_plate_nesting=1)``).
         num_particles: draws per step for the named losses (vectorised over a leading plate
             when more than one).
         progress: ``True``: a tqdm bar on an interactive stderr, else a compact line every
             tenth of ``num_steps``; ``"bar"`` or ``"log"`` to force one; ``False``: silent.
         seed: seeds Pyro's random state first, for a reproducible run.
-        callbacks: called with a :class:`FitState` after every step; returning ``True``
+        callbacks: called with a ``FitState`` after every step; returning ``True``
             stops the run.
         schedule: ``"plateau"``, ``"exponential"`` or ``"constant"`` (module docstring).
         stop_early: end the run when the convergence rule says so.
@@ -179,13 +179,13 @@ def fit(
             ``window`` defaults to ``clamp(num_steps // 40, 100, 250)``.
         clip: elementwise gradient clip of the default optimizer.
         diagnose: after fitting an ``AutoContinuous`` guide (such as ``AutoFlowGuide``),
-            compute the PSIS k-hat (:func:`~pyroflows.psis_diagnostic`, 1000 draws) and warn
+            compute the PSIS k-hat (``psis_diagnostic``, 1000 draws) and warn
             if the fit cannot be trusted.
         distributed: data-parallel SVI over a ``torch.distributed`` process group (started
             from torchrun's environment if needed): each rank passes its shard of the data
-            (:func:`pyroflows.distributed.shard`), observed sites are scaled by the number of
+            (``pyroflows.distributed.shard``), observed sites are scaled by the number of
             ranks, gradients and losses are averaged, parameters broadcast from rank 0 (see
-            :mod:`pyroflows.distributed`). Only rank 0 shows progress; the k-hat diagnostic,
+            ``pyroflows.distributed``). Only rank 0 shows progress; the k-hat diagnostic,
             which needs the full data, is skipped.
 
     Raises:

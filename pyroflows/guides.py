@@ -182,12 +182,12 @@ class AutoFlowGuide(AutoContinuous):
 
     Arguments:
         model: a Pyro model.
-        flow: anything :func:`pyroflows.transforms.build` takes: a registered name
+        flow: anything ``pyroflows.transforms.build`` takes: a registered name
             (``"nsf"``, ``"realnvp"``, ``"iaf"``, ...), a list of names, a ``TransformModule``
             or a callable ``latent_dim -> TransformModule``.
         num_layers: blocks of the flow (default: 2 for the default flow, else the family's
             own default).
-        hidden_dims: conditioner widths (default: see :func:`default_hidden_dims`).
+        hidden_dims: conditioner widths (default: see ``default_hidden_dims``).
         base: ``"normal"``, or ``"studentt"`` for a heavy-tailed base with learnable degrees
             of freedom per dimension (tail-adaptive flows, Jaini et al. 2020,
             arXiv:1907.04481), for posteriors with Cauchy-like tails. Its degrees of freedom
@@ -645,7 +645,7 @@ class AutoFlowGuide(AutoContinuous):
         return {name: torch.quantile(value, q, dim=0) for name, value in samples.items()}
 
     def median(self, *args, num_samples: int = 4000, **kwargs):
-        """Elementwise posterior medians (Monte Carlo, see :meth:`quantiles`)."""
+        """Elementwise posterior medians (Monte Carlo, see ``quantiles``)."""
         return {k: v[0] for k, v in self.quantiles([0.5], num_samples=num_samples).items()}
 
     def _require_setup(self):

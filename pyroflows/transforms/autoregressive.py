@@ -37,12 +37,12 @@ class MaskedAutoregressive(VectorTransformModule):
     r"""A masked coupling or autoregressive layer: ``y_i = tau(x_i; h(x_{rank < rank_i}))``.
 
     Arguments:
-        conditioner: a :class:`~pyroflows.transforms.nn.MaskedMLP` built with these ranks.
+        conditioner: a ``MaskedMLP`` built with these ranks.
         transformer: the elementwise bijection, e.g.
-            :class:`~pyroflows.transforms.transformers.RationalQuadraticSpline`.
+            ``RationalQuadraticSpline``.
         ranks: integer rank per dimension (0 = pass through).
         parallel: ``"forward"`` (IAF direction) or ``"inverse"`` (MAF direction).
-        context: a context tensor, set by :meth:`ConditionalMaskedAutoregressive.condition`.
+        context: a context tensor, set by ``ConditionalMaskedAutoregressive.condition``.
 
     Example:
         >>> layer = masked_layer(autoregressive_ranks(3), Affine(), hidden_dims=[8])
@@ -134,7 +134,7 @@ class MaskedAutoregressive(VectorTransformModule):
 
 
 class ConditionalMaskedAutoregressive(ConditionalTransformModule):
-    """The conditional version: ``.condition(context)`` returns a :class:`MaskedAutoregressive`.
+    """The conditional version: ``.condition(context)`` returns a ``MaskedAutoregressive``.
 
     Example:
         >>> layer = masked_layer(autoregressive_ranks(3), Affine(), hidden_dims=[8], context_dim=2)

@@ -25,7 +25,7 @@ class _Memo(NamedTuple):
 class VectorTransformModule(TransformModule):
     """A learnable bijection of vectors (event dim 1) with a cache that cannot go stale.
 
-    Subclasses implement :meth:`forward_and_log_det` (and :meth:`inverse_and_log_det` where
+    Subclasses implement ``forward_and_log_det`` (and ``inverse_and_log_det`` where
     the inverse is analytic): one pass gives the output and ``log |det dy/dx|``.
 
     Like Pyro's flows, the last ``(x, y, log_det)`` is remembered, so a

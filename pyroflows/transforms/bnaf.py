@@ -54,7 +54,7 @@ class BlockLinear(nn.Module):
 class BlockAutoregressive(VectorTransformModule):
     r"""``y = (1 - g) x + g f(x)`` with ``f`` a block neural autoregressive network.
 
-    ``f`` interleaves :class:`BlockLinear` layers (``hidden_factors[k]`` units per dimension)
+    ``f`` interleaves ``BlockLinear`` layers (``hidden_factors[k]`` units per dimension)
     with ``tanh``; it is strictly increasing in each ``x_i`` given ``x_{<i}``, so its Jacobian
     is triangular with the positive diagonal tracked in log space. ``f`` alone maps onto a
     bounded box; the gated residual with ``g = sigmoid(gate)`` in ``(0, 1)`` (De Cao et al.'s
@@ -105,7 +105,7 @@ class BlockAutoregressive(VectorTransformModule):
 
 @register("bnaf", identity_init=False, analytic_inverse=False)
 def bnaf(input_dim, *, layer=0, context_dim=0, hidden_factors=(8, 8), gate_init=-4.0):
-    """Build a :class:`BlockAutoregressive` layer.
+    """Build a ``BlockAutoregressive`` layer.
 
     Example:
         >>> bnaf(2, hidden_factors=[4]).extra_repr()

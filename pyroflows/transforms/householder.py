@@ -62,7 +62,7 @@ def default_count(input_dim: int) -> int:
 
 @register("householder", identity_init=True)
 def householder(input_dim, *, layer=0, context_dim=0, count_transforms=None):
-    """Build a :class:`Householder` block (``count_transforms`` reflections; even by default).
+    """Build a ``Householder`` block (``count_transforms`` reflections; even by default).
 
     Example:
         >>> householder(4)

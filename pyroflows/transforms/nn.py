@@ -9,7 +9,7 @@ all-ones masks are skipped, so a coupling conditioner costs exactly a dense MLP 
 conditioning half.
 
 The output layer is zero-initialised: the conditioner then outputs zeros, and every
-transformer in :mod:`pyroflows.transforms.transformers` is the identity at zero parameters,
+transformer in ``pyroflows.transforms.transformers`` is the identity at zero parameters,
 so each layer starts as the exact identity (as in FlowJAX).
 """
 

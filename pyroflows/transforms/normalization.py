@@ -57,7 +57,7 @@ class ActNorm(VectorTransformModule):
 
 @register("actnorm")
 def actnorm(input_dim, *, layer=0, context_dim=0, data_init=False):
-    """Build an :class:`ActNorm` block.
+    """Build an ``ActNorm`` block.
 
     Example:
         >>> actnorm(3).log_scale.tolist()

@@ -58,7 +58,7 @@ class Planar(VectorTransformModule):
 
 @register("planar", num_layers=8, identity_init=True, analytic_inverse=False)
 def planar(input_dim, *, layer=0, context_dim=0):
-    """Build a :class:`Planar` layer.
+    """Build a ``Planar`` layer.
 
     Example:
         >>> planar(2)

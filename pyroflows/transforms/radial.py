@@ -55,7 +55,7 @@ class Radial(VectorTransformModule):
 
 @register("radial", num_layers=8, identity_init=True, analytic_inverse=False)
 def radial(input_dim, *, layer=0, context_dim=0):
-    """Build a :class:`Radial` layer.
+    """Build a ``Radial`` layer.
 
     Example:
         >>> radial(2)

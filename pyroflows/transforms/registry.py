@@ -141,7 +141,7 @@ def build(
             to the families in the spec that take it; one that no family takes is an error.
 
     Returns:
-        A single ``TransformModule`` (a stack is one :class:`Stack`, whose parameters are all
+        A single ``TransformModule`` (a stack is one ``Stack``, whose parameters are all
         registered), or a ``ConditionalTransformModule``.
 
     Example:

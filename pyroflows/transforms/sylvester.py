@@ -61,7 +61,7 @@ class Sylvester(VectorTransformModule):
 
 @register("sylvester", num_layers=4, identity_init=True, analytic_inverse=False)
 def sylvester(input_dim, *, layer=0, context_dim=0, count_transforms=None):
-    """Build a :class:`Sylvester` layer with ``count_transforms`` reflections in ``Q``.
+    """Build a ``Sylvester`` layer with ``count_transforms`` reflections in ``Q``.
 
     Example:
         >>> sylvester(4)
