@@ -116,12 +116,13 @@ class Flow(nn.Module):
                     f"Flow: {name!r} has no analytic inverse, so it cannot score data; "
                     "use a coupling or autoregressive flow such as 'nsf', 'realnvp' or 'maf'"
                 )
-        if names:
-            self.transform_module = transforms.build(
-                flow, dim, num_layers=num_layers, context_dim=context_dim, **architecture
-            )
-        else:
-            self.transform_module = transforms.build(flow, dim, context_dim=context_dim)
+        self.transform_module = transforms.build(
+            flow,
+            dim,
+            num_layers=num_layers if names else None,  # a module or callable is built as is
+            context_dim=context_dim,
+            **architecture,
+        )
         conditional = isinstance(self.transform_module, ConditionalTransformModule)
         if bool(context_dim) != conditional:
             raise ValueError(
@@ -242,8 +243,8 @@ class Flow(nn.Module):
             rows = order[position : position + batch_size]
             position += batch_size
             batch_context = None if context is None else context[rows]
-            try:
-                loss = -self.log_prob(data[rows], batch_context).mean()
+            try:  # data and context were checked once above, not every step
+                loss = -self(batch_context).log_prob(data[rows]).mean()
             except ValueError as error:  # distribution validation met the flow's NaNs
                 if "invalid values" not in str(error):
                     raise

@@ -129,7 +129,7 @@ class PSISResult:
     num_samples: int
     ess: float
     log_weights: Tensor = field(repr=False)
-    elbo: float = math.nan
+    elbo: float
 
     @property
     def ok(self) -> bool:

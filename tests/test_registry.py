@@ -58,6 +58,8 @@ def test_modules_and_callables_pass_through():
         T.build(lambda d: torch.nn.Linear(d, d), 3)
     with pytest.raises(ValueError, match="cannot change an already-built module"):
         T.build(module, 3, hidden_dims=[4])
+    with pytest.raises(ValueError, match="module or callable"):  # not silently dropped
+        T.build(lambda d: T.ActNorm(d), 3, hidden_dims=[4])
 
 
 def test_keywords_nobody_takes_are_an_error():

@@ -157,9 +157,11 @@ def build(
     """
     if not isinstance(input_dim, int) or input_dim < 1:
         raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
+    is_name = isinstance(spec, str) or (isinstance(spec, Sequence) and not callable(spec))
+    if not is_name and (architecture or num_layers is not None):
+        # A module is built and a callable builds itself: keywords would be silently lost.
+        raise ValueError("architecture keywords cannot change an already-built module or callable")
     if isinstance(spec, nn.Module):
-        if architecture or num_layers is not None:
-            raise ValueError("architecture keywords cannot change an already-built module")
         return spec
     if isinstance(spec, str):
         names, repeats = [spec], num_layers or family(spec).num_layers
