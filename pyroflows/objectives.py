@@ -107,10 +107,13 @@ class ImportanceWeightedELBO(ELBO):
         # gradient w_k dlog w_k/dz_k; the hook multiplies the latter by w_k once more
         # (DReG's squared weights) on its way back to the guide's parameters.
         z = guide_trace.nodes[guide.latent_site_name]["value"]
-        if z.requires_grad:
-            scale = weights.reshape((-1,) + (1,) * (z.dim() - 1)) if self.num_particles > 1 else 1
-            z.register_hook(lambda grad: grad * scale)
-        surrogate = -(weights * log_w).sum()
+        if z.requires_grad and self.num_particles > 1:
+            scale = weights.reshape((-1,) + (1,) * (z.dim() - 1))
+            # A draw whose weight underflows to zero adds exactly nothing to the estimator,
+            # but its own backward pass can still be 0 * inf = NaN (a scale that underflowed
+            # in the model, say); one such draw must not poison the step.
+            z.register_hook(lambda grad: torch.where(scale > 0, grad * scale, 0.0))
+        surrogate = -torch.where(weights > 0, weights * log_w, 0.0).sum()
         warn_if_nan(surrogate, "surrogate loss")
         if surrogate.requires_grad:
             surrogate.backward(retain_graph=self.retain_graph)

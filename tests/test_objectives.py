@@ -99,3 +99,25 @@ def test_dreg_is_unbiased_for_the_iwae_gradient():
     diff = grads[True].mean(0) - grads[False].mean(0)
     stderr = torch.sqrt(grads[True].var(0) / reps + grads[False].var(0) / reps)
     assert (diff.abs() < 4 * stderr).all(), (diff, stderr)
+
+
+def underflowing_model():
+    # For x > 1.72 the variance exp(-60 x) underflows to 0 in float32 while the scale does
+    # not: the log weight is -inf and its own backward pass is 0 * inf = NaN.
+    x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    pyro.sample("y", dist.Normal(0.0, torch.exp(-30.0 * x)), obs=torch.tensor(1.0))
+
+
+def test_dreg_survives_draws_whose_weight_underflows():
+    guide = AutoFlowGuide(underflowing_model, flow="realnvp", init="prior", init_scale=1.0)
+    elbo = ImportanceWeightedELBO(num_particles=64, dreg=True, max_plate_nesting=0)
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        log_w, _ = elbo._log_weights(underflowing_model, guide, (), {})
+    assert (log_w == -math.inf).any() and torch.isfinite(log_w).any()
+    pyro.set_rng_seed(0)
+    loss = elbo.loss_and_grads(underflowing_model, guide)
+    assert math.isfinite(loss)
+    grads = [p.grad for p in guide.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
