@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .accuracy import guide_factories, run_all
+from .accuracy import VARIANTS, guide_factories, run_all
 from .posteriors import POSTERIORS
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,7 +41,7 @@ def main() -> None:
             guides = args.guides or list(family_factories())
             posteriors = args.posteriors or FAMILY_POSTERIORS
         else:
-            guides = args.guides or list(guide_factories(10))
+            guides = args.guides or [*guide_factories(10), *VARIANTS]
             posteriors = args.posteriors or list(POSTERIORS)
         jobs = [
             {"posterior": p, "guide": g, "seed": s, "steps": args.steps, "family": args.family}

@@ -82,6 +82,19 @@ def guide_factories(dim: int) -> dict:
     return factories
 
 
+# Library options on top of a guide: name -> (guide, fit keywords, PSIS resampling of the draws).
+# They are scored on the draws a user would use: the guide's own, or ``importance_resample``'s.
+VARIANTS = {
+    "AutoFlowGuide + importance_resample": ("AutoFlowGuide", {}, True),
+    "AutoFlowGuide loss='dreg' K=8": ("AutoFlowGuide", {"loss": "dreg", "num_particles": 8}, False),
+    "AutoFlowGuide loss='dreg' K=8 + importance_resample": (
+        "AutoFlowGuide",
+        {"loss": "dreg", "num_particles": 8},
+        True,
+    ),
+}
+
+
 def family_factories() -> dict:
     """Each registered flow through AutoFlowGuide, with its family defaults."""
     from pyroflows import AutoFlowGuide, transforms
@@ -125,16 +138,17 @@ def run_one(job: dict) -> dict:
     """Fit one guide to one posterior in this (fresh) process and score it."""
     torch.set_num_threads(job.get("threads", 1))
     from pyroflows import fit
-    from pyroflows.diagnostics import psis
+    from pyroflows.diagnostics import importance_resample, psis
     from pyroflows.draws import draw
 
     row = {k: job[k] for k in ("posterior", "guide", "seed")}
+    base, fit_kwargs, resample = VARIANTS.get(job["guide"], (job["guide"], {}, False))
     try:
         posterior = POSTERIORS[job["posterior"]]()
         dim = _latent_dim(posterior)
         table = family_factories() if job.get("family") else guide_factories(dim)
         pyro.clear_param_store()
-        guide = table[job["guide"]](posterior.model)
+        guide = table[base](posterior.model)
         stamps = []
         result = fit(
             posterior.model,
@@ -144,13 +158,20 @@ def run_one(job: dict) -> dict:
             seed=job["seed"],
             progress=False,
             diagnose=False,
+            **fit_kwargs,
             callbacks=[lambda state: stamps.append(time.perf_counter())],
         )
         pyro.set_rng_seed(job["seed"] + 1000)
         draws = draw(posterior.model, guide, posterior.args, {}, DRAWS)
         log_w = draws.log_weights.double()
         finite = torch.isfinite(log_w)
-        row.update(score(posterior, draws.values))
+        values = draws.values
+        if resample:
+            out = importance_resample(posterior.model, guide, *posterior.args, num_samples=DRAWS)
+            values = out.samples
+            row["k_hat_resampled"] = out.diagnostic.k_hat
+            row["adaptations"] = out.num_adaptations
+        row.update(score(posterior, values))
         row["elbo"] = float(log_w[finite].mean()) if finite.any() else -math.inf
         row["kl"] = posterior.log_z - row["elbo"] if posterior.log_z is not None else None
         row["k_hat"] = psis(log_w)[1]

@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .accuracy import noise_floor
+from .accuracy import VARIANTS, noise_floor
 from .posteriors import POSTERIORS
 
 RESULTS = Path(__file__).parent / "results"
@@ -61,6 +61,7 @@ def aggregate(rows: list[dict]) -> dict:
             values = [v for v in values if math.isfinite(v)]
             if values:
                 agg[metric] = statistics.fmean(values)
+                agg[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
         agg["converged"] = sum(bool(r.get("converged")) for r in ok)
         out[key] = agg
     return out
@@ -94,7 +95,12 @@ def render() -> None:
         "reference draws. The ms/step column is measured with two runs sharing the two "
         "cores, so it is indicative only: `Cost per step` below is the controlled timing. "
         "`AutoFlowGuide` is the default guide; `init='prior'` is the same without the Laplace "
-        "start; the bracketed variants match the architecture of the Pyro guide named.",
+        "start; the bracketed variants match the architecture of the Pyro guide named. "
+        "Library options on the default guide: `loss='dreg' K=8` fits the importance-weighted "
+        "bound with 8 particles and DReG gradients; `+ importance_resample` rows are scored "
+        "on `pyroflows.importance_resample`'s draws (10,000 PSIS-resampled from 10,000 "
+        "proposals, moment matching when k-hat is high), i.e. what a user gets from that "
+        "one call after the fit; their k-hat column is the guide's own.",
         "",
     ]
     lines += targets(agg, posteriors)
@@ -174,27 +180,39 @@ def render() -> None:
 
 
 def targets(agg, posteriors) -> list[str]:
+    """The issue's targets, for the default guide and for each library option on top of it.
+    Values are means over seeds; ± is the spread (sd) over seeds."""
     lines = ["## Targets", ""]
-    misses = []
-    for p in posteriors:
-        a = agg.get((p, DEFAULT), {})
-        if "max_dmean" not in a:
+    for guide in (DEFAULT, *VARIANTS):
+        met, misses = [], []
+        for p in posteriors:
+            a = agg.get((p, guide), {})
+            if "max_dmean" not in a:
+                continue
+            if a["max_dmean"] > 0.1 or a["max_dlogsd"] > 0.1:
+                misses.append(f"{p} ({a['max_dmean']:.2f} / {a['max_dlogsd']:.2f})")
+            else:
+                met.append(p)
+        if not met and not misses:
             continue
-        if a["max_dmean"] > 0.1 or a["max_dlogsd"] > 0.1:
-            misses.append(f"{p} ({a['max_dmean']:.2f} / {a['max_dlogsd']:.2f})")
-    lines.append(
-        "- Default AutoFlowGuide max |Δmean|/sd <= 0.1 and max |log sd ratio| <= 0.1: "
-        + ("met everywhere." if not misses else "missed on " + ", ".join(misses) + ".")
-    )
+        lines.append(
+            f"- {guide}: max |Δmean|/sd <= 0.1 and max |log sd ratio| <= 0.1 met on "
+            f"{len(met)} of {len(met) + len(misses)} posteriors run"
+            + (f"; missed on {', '.join(misses)}." if misses else ".")
+        )
+    lines += ["", f"Default {DEFAULT} against {ANCHOR}, max W1 / reference sd (lower is better):"]
+    lines.append("")
     for p in posteriors:
         ours, anchor = agg.get((p, DEFAULT), {}), agg.get((p, ANCHOR), {})
         if "max_w1" not in ours or "max_w1" not in anchor:
             continue
-        verdict = "better" if ours["max_w1"] < anchor["max_w1"] else "worse"
+        diff = ours["max_w1"] - anchor["max_w1"]
+        spread = max(ours["max_w1_sd"], anchor["max_w1_sd"])
+        verdict = "better" if diff < -spread else "worse" if diff > spread else "a tie"
         need = " (must beat)" if p in MUST_BEAT else ""
         lines.append(
-            f"- {p}{need}: max W1 {ours['max_w1']:.3f} vs AutoMultivariateNormal "
-            f"{anchor['max_w1']:.3f}: {verdict}"
+            f"- {p}{need}: {ours['max_w1']:.3f} ± {ours['max_w1_sd']:.3f} ({ours['seeds']} seeds) "
+            f"vs {anchor['max_w1']:.3f} ± {anchor['max_w1_sd']:.3f} ({anchor['seeds']}): {verdict}"
         )
     return lines
 
