@@ -9,7 +9,9 @@ arXiv:1507.02646) says how far that can be trusted (Yao et al. 2018, arXiv:1802.
   200): the weights have enough finite moments for importance-weighted estimates to be
   reliable, and the guide is close to the posterior in the directions that matter;
 - above that threshold: importance-weighted estimates are unreliable and the guide should
-  not be trusted (fit longer, choose a richer flow, or run ``neutra``).
+  not be trusted (fit longer, choose a richer flow, refit with the mass-covering
+  ``fit(..., loss="dreg", num_particles=8)`` and draw with ``importance_resample``, or run
+  ``neutra``; ``benchmarks/RESULTS.md`` measures the refit-and-resample route).
 
 Every function here draws from the guide, re-runs the model at each draw and needs a model
 whose log density can be evaluated (all latents either guided or drawn by the model from
@@ -146,7 +148,9 @@ class PSISResult:
         return (
             f"PSIS k-hat {self.k_hat:.2f} >= {self.threshold:.2f} ({self.num_samples} draws): "
             "the guide cannot be trusted as the posterior, nor can importance weighting fix it "
-            f"(ESS {self.ess:.0f}). Fit longer, use a richer flow, or run pyroflows.neutra."
+            f"(ESS {self.ess:.0f}). Fit longer, use a richer flow, refit with "
+            "loss='dreg', num_particles=8 and draw with pyroflows.importance_resample, or "
+            "run pyroflows.neutra."
         )
 
     def __str__(self) -> str:
