@@ -91,8 +91,23 @@ class ImportanceWeightedELBO(ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """The negative bound as a tensor with the standard IWAE gradient (no DReG)."""
-        log_w, _ = self._log_weights(model, guide, args, kwargs)
+        log_w, guide_trace = self._log_weights(model, guide, args, kwargs)
+        weights = torch.softmax(log_w.detach(), dim=0)
+        self._guard_draws(guide, guide_trace, weights, lambda grad, w: grad)
         return -_log_mean_exp(log_w)
+
+    def _guard_draws(self, guide, guide_trace, weights, reweigh):
+        """Hook the guide's latent draws: ``reweigh(grad, w)`` for draws of positive weight,
+        exactly zero for the rest. A draw whose weight underflows to zero adds nothing to
+        either estimator, but its own backward pass can still be 0 * inf = NaN (a scale that
+        underflowed in the model, say); one such draw must not poison the step."""
+        name = getattr(guide, "latent_site_name", None)
+        site = guide_trace.nodes.get(name) if name is not None else None
+        if site is None or self.num_particles == 1 or not site["value"].requires_grad:
+            return
+        z = site["value"]
+        w = weights.reshape((-1,) + (1,) * (z.dim() - 1))
+        z.register_hook(lambda grad: torch.where(w > 0, reweigh(grad, w), 0.0))
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
         if not self.dreg:
@@ -106,13 +121,7 @@ class ImportanceWeightedELBO(ELBO):
         # -sum_k w_k log w_k gives model parameters the IWAE gradient and each z_k the
         # gradient w_k dlog w_k/dz_k; the hook multiplies the latter by w_k once more
         # (DReG's squared weights) on its way back to the guide's parameters.
-        z = guide_trace.nodes[guide.latent_site_name]["value"]
-        if z.requires_grad and self.num_particles > 1:
-            scale = weights.reshape((-1,) + (1,) * (z.dim() - 1))
-            # A draw whose weight underflows to zero adds exactly nothing to the estimator,
-            # but its own backward pass can still be 0 * inf = NaN (a scale that underflowed
-            # in the model, say); one such draw must not poison the step.
-            z.register_hook(lambda grad: torch.where(scale > 0, grad * scale, 0.0))
+        self._guard_draws(guide, guide_trace, weights, lambda grad, w: grad * w)
         surrogate = -torch.where(weights > 0, weights * log_w, 0.0).sum()
         warn_if_nan(surrogate, "surrogate loss")
         if surrogate.requires_grad:

@@ -108,9 +108,10 @@ def underflowing_model():
     pyro.sample("y", dist.Normal(0.0, torch.exp(-30.0 * x)), obs=torch.tensor(1.0))
 
 
-def test_dreg_survives_draws_whose_weight_underflows():
+@pytest.mark.parametrize("dreg", [True, False])
+def test_bound_survives_draws_whose_weight_underflows(dreg):
     guide = AutoFlowGuide(underflowing_model, flow="realnvp", init="prior", init_scale=1.0)
-    elbo = ImportanceWeightedELBO(num_particles=64, dreg=True, max_plate_nesting=0)
+    elbo = ImportanceWeightedELBO(num_particles=64, dreg=dreg, max_plate_nesting=0)
     pyro.set_rng_seed(0)
     with torch.no_grad():
         log_w, _ = elbo._log_weights(underflowing_model, guide, (), {})
