@@ -374,6 +374,8 @@ class AutoFlowGuide(AutoContinuous):
             precond = torch.linalg.cholesky(torch.cholesky_inverse(chol_h))
         except (RuntimeError, ValueError, NotImplementedError):  # not PD, or no density
             return None
+        except IndexError:  # torch's strong-Wolfe search can index past its bracket on NaN
+            return None
         if not torch.isfinite(precond).all() or not self._laplace_fits(energy, mode, precond):
             return None
         return mode.to(init_loc.dtype), precond.to(init_loc.dtype)

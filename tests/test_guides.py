@@ -433,3 +433,21 @@ def test_auto_init_falls_back_to_the_prior_start_where_there_is_no_mode():
     assert torch.equal(guide.precond, torch.eye(5))
     with pytest.raises(ValueError, match="init must be"):
         AutoFlowGuide(funnel, init="map")
+
+
+def test_laplace_start_falls_back_when_the_line_search_crashes(monkeypatch):
+    # torch's strong-Wolfe search can raise IndexError when the energy turns NaN; that is a
+    # failed Laplace start like any other, not a failed guide.
+    def crash(self, closure):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(torch.optim.LBFGS, "step", crash)
+
+    def model():
+        pyro.sample("x", dist.Normal(1.0, 2.0))
+
+    guide = AutoFlowGuide(model)
+    guide()
+    assert not guide.preconditioned
+    with pytest.warns(UserWarning, match="no sound Laplace start"):
+        AutoFlowGuide(model, init="laplace", name="strict")()
