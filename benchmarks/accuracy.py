@@ -92,6 +92,11 @@ VARIANTS = {
         {"loss": "dreg", "num_particles": 8},
         True,
     ),
+    "AutoFlowGuide loss='iwae' K=8 + importance_resample": (
+        "AutoFlowGuide",
+        {"loss": "iwae", "num_particles": 8},
+        True,
+    ),
 }
 
 
@@ -143,6 +148,9 @@ def run_one(job: dict) -> dict:
 
     row = {k: job[k] for k in ("posterior", "guide", "seed")}
     base, fit_kwargs, resample = VARIANTS.get(job["guide"], (job["guide"], {}, False))
+    if job.get("fit_kwargs"):  # ad-hoc experiments: python -c "run_all([{..., 'fit_kwargs': ...}])"
+        fit_kwargs = {**fit_kwargs, **job["fit_kwargs"]}
+        row["fit_kwargs"] = fit_kwargs
     try:
         posterior = POSTERIORS[job["posterior"]]()
         dim = _latent_dim(posterior)

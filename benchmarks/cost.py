@@ -1,6 +1,7 @@
 """Milliseconds per SVI step: AutoFlowGuide beside Pyro's guides, and scaling with dimension.
 
-Every guide trains the same model with ``SVI`` + ``Trace_ELBO`` (1 particle) and
+Every guide trains the same model with ``SVI`` + ``Trace_ELBO`` (1 particle; two rows
+price ``fit``'s other objectives on the default guide) and
 ``pyro.optim.Adam``; steps of all guides are interleaved in shuffled order so that drift in
 machine load hits them alike; the median over the timed steps is reported.
 
@@ -34,7 +35,7 @@ from pyro.infer.autoguide import (
     AutoNormalizingFlow,
 )
 
-from pyroflows import AutoFlowGuide
+from pyroflows import AutoFlowGuide, ImportanceWeightedELBO
 
 from .posteriors import eight_schools_centered
 
@@ -56,10 +57,12 @@ def hierarchical(groups: int):
 
 
 def median_ms(model, args, guides: dict, steps: int, warmup: int = 30) -> dict:
+    """``guides``: name -> guide factory, or (factory, ELBO) for another objective."""
     svis = {}
     for name, make in guides.items():
+        make, elbo = make if isinstance(make, tuple) else (make, Trace_ELBO())
         pyro.clear_param_store()
-        svi = SVI(model, make(model), pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        svi = SVI(model, make(model), pyro.optim.Adam({"lr": 1e-2}), elbo)
         for _ in range(warmup):
             svi.step(*args)
         svis[name] = svi
@@ -108,6 +111,16 @@ def main() -> None:
         "AutoFlowGuide nsf x4": functools.partial(AutoFlowGuide, flow="nsf", num_layers=4),
         "AutoFlowGuide realnvp x4": functools.partial(AutoFlowGuide, flow="realnvp", num_layers=4),
         "AutoFlowGuide iaf x4": functools.partial(AutoFlowGuide, flow="iaf", num_layers=4),
+        # the other objectives of pyroflows.fit, on the default guide
+        "AutoFlowGuide (default), loss='stl'": functools.partial(AutoFlowGuide, stl=True),
+        "AutoFlowGuide (default), loss='iwae' K=8": (
+            AutoFlowGuide,
+            ImportanceWeightedELBO(num_particles=8, dreg=False, max_plate_nesting=1),
+        ),
+        "AutoFlowGuide (default), loss='dreg' K=8": (
+            AutoFlowGuide,
+            ImportanceWeightedELBO(num_particles=8, max_plate_nesting=1),
+        ),
     }
     ms = median_ms(schools.model, schools.args, guides, args.steps)
     for name, value in ms.items():

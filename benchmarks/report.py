@@ -97,7 +97,8 @@ def render() -> None:
         "`AutoFlowGuide` is the default guide; `init='prior'` is the same without the Laplace "
         "start; the bracketed variants match the architecture of the Pyro guide named. "
         "Library options on the default guide: `loss='dreg' K=8` fits the importance-weighted "
-        "bound with 8 particles and DReG gradients; `+ importance_resample` rows are scored "
+        "bound with 8 particles and DReG gradients (`'iwae'`: its standard gradient, no "
+        "inverse pass of the flow); `+ importance_resample` rows are scored "
         "on `pyroflows.importance_resample`'s draws (10,000 PSIS-resampled from 10,000 "
         "proposals, moment matching when k-hat is high), i.e. what a user gets from that "
         "one call after the fit; their k-hat column is the guide's own.",
@@ -146,7 +147,9 @@ def render() -> None:
             )
     family = aggregate(load("family.jsonl"))
     if family:
+        fbudget = sorted({r.get("steps_budget") for r in load("family.jsonl")} - {None})
         lines += ["", "## Every registered flow (AutoFlowGuide with the family's defaults)", ""]
+        lines += [f"`python -m benchmarks --family`: at most {fbudget} steps, seed 0.", ""]
         fposts = list(dict.fromkeys(k[0] for k in family))
         lines.append("| flow | " + " | ".join(f"{p} max Δmean / max log sd" for p in fposts) + " |")
         lines.append("|---" * (len(fposts) + 1) + "|")
