@@ -151,6 +151,7 @@ def run_one(job: dict) -> dict:
     if job.get("fit_kwargs"):  # ad-hoc experiments: python -c "run_all([{..., 'fit_kwargs': ...}])"
         fit_kwargs = {**fit_kwargs, **job["fit_kwargs"]}
         row["fit_kwargs"] = fit_kwargs
+    resample = job.get("resample", resample)
     try:
         posterior = POSTERIORS[job["posterior"]]()
         dim = _latent_dim(posterior)
