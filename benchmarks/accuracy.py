@@ -148,10 +148,6 @@ def run_one(job: dict) -> dict:
 
     row = {k: job[k] for k in ("posterior", "guide", "seed")}
     base, fit_kwargs, resample = VARIANTS.get(job["guide"], (job["guide"], {}, False))
-    if job.get("fit_kwargs"):  # ad-hoc experiments: python -c "run_all([{..., 'fit_kwargs': ...}])"
-        fit_kwargs = {**fit_kwargs, **job["fit_kwargs"]}
-        row["fit_kwargs"] = fit_kwargs
-    resample = job.get("resample", resample)
     try:
         posterior = POSTERIORS[job["posterior"]]()
         dim = _latent_dim(posterior)

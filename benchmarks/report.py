@@ -145,9 +145,10 @@ def render() -> None:
                 f"| {fmt(a.get('k_hat'), 2)} | {fmt(a.get('ms_per_step'), 1)} | {conv} "
                 f"| {fmt(a.get('peak_mb'), 0)} |"
             )
-    family = aggregate(load("family.jsonl"))
+    family_rows = load("family.jsonl")
+    family = aggregate(family_rows)
     if family:
-        fbudget = sorted({r.get("steps_budget") for r in load("family.jsonl")} - {None})
+        fbudget = sorted({r.get("steps_budget") for r in family_rows} - {None})
         lines += ["", "## Every registered flow (AutoFlowGuide with the family's defaults)", ""]
         lines += [f"`python -m benchmarks --family`: at most {fbudget} steps, seed 0.", ""]
         fposts = list(dict.fromkeys(k[0] for k in family))

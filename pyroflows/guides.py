@@ -372,9 +372,9 @@ class AutoFlowGuide(AutoContinuous):
             if not decrement < 1e-2:
                 return None
             precond = torch.linalg.cholesky(torch.cholesky_inverse(chol_h))
-        except (RuntimeError, ValueError, NotImplementedError):  # not PD, or no density
-            return None
-        except IndexError:  # torch's strong-Wolfe search can index past its bracket on NaN
+        # not PD, no density, or (IndexError) torch's strong-Wolfe search indexing past its
+        # bracket on a NaN energy
+        except (RuntimeError, ValueError, NotImplementedError, IndexError):
             return None
         if not torch.isfinite(precond).all() or not self._laplace_fits(energy, mode, precond):
             return None

@@ -93,12 +93,13 @@ class ImportanceWeightedELBO(ELBO):
         """The negative bound as a tensor with the standard IWAE gradient (no DReG)."""
         log_w, guide_trace = self._log_weights(model, guide, args, kwargs)
         weights = torch.softmax(log_w.detach(), dim=0)
-        self._guard_draws(guide, guide_trace, weights, lambda grad, w: grad)
+        self._guard_draws(guide, guide_trace, weights, squared=False)
         return -_log_mean_exp(log_w)
 
-    def _guard_draws(self, guide, guide_trace, weights, reweigh):
-        """Hook the guide's latent draws: ``reweigh(grad, w)`` for draws of positive weight,
-        exactly zero for the rest. A draw whose weight underflows to zero adds nothing to
+    def _guard_draws(self, guide, guide_trace, weights, squared: bool):
+        """Hook the guide's latent draws: their gradient (times its weight once more if
+        ``squared``, DReG's squared weights) for draws of positive weight, exactly zero for
+        the rest. A draw whose weight underflows to zero adds nothing to
         either estimator, but its own backward pass can still be 0 * inf = NaN (a scale that
         underflowed in the model, say); one such draw must not poison the step."""
         name = getattr(guide, "latent_site_name", None)
@@ -107,7 +108,7 @@ class ImportanceWeightedELBO(ELBO):
             return
         z = site["value"]
         w = weights.reshape((-1,) + (1,) * (z.dim() - 1))
-        z.register_hook(lambda grad: torch.where(w > 0, reweigh(grad, w), 0.0))
+        z.register_hook(lambda grad: torch.where(w > 0, grad * w if squared else grad, 0.0))
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
         if not self.dreg:
@@ -121,7 +122,7 @@ class ImportanceWeightedELBO(ELBO):
         # -sum_k w_k log w_k gives model parameters the IWAE gradient and each z_k the
         # gradient w_k dlog w_k/dz_k; the hook multiplies the latter by w_k once more
         # (DReG's squared weights) on its way back to the guide's parameters.
-        self._guard_draws(guide, guide_trace, weights, lambda grad, w: grad * w)
+        self._guard_draws(guide, guide_trace, weights, squared=True)
         surrogate = -torch.where(weights > 0, weights * log_w, 0.0).sum()
         warn_if_nan(surrogate, "surrogate loss")
         if surrogate.requires_grad:
