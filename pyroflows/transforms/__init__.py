@@ -24,16 +24,25 @@ from . import (  # noqa: F401  (importing a family module registers it)
     radial,
     sylvester,
 )
-from .autoregressive import ConditionalMaskedAutoregressive, MaskedAutoregressive, masked_layer
 from .base import Stack, VectorTransformModule
 from .bnaf import BlockAutoregressive
 from .householder import Householder
 from .linear import LULinear, Permutation
+from .masked import ConditionalMaskedAutoregressive, MaskedAutoregressive, masked_layer
 from .nn import MaskedMLP
 from .normalization import ActNorm
 from .planar import Planar
 from .radial import Radial
-from .registry import FlowFamily, available, build, family, register, unregister
+from .registry import (
+    FlowFamily,
+    available,
+    build,
+    family,
+    invertible,
+    mixes_all_pairs,
+    register,
+    unregister,
+)
 from .sylvester import Sylvester
 from .transformers import Additive, Affine, RationalQuadraticSpline, Transformer
 
@@ -59,7 +68,9 @@ __all__ = [
     "available",
     "build",
     "family",
+    "invertible",
     "masked_layer",
+    "mixes_all_pairs",
     "register",
     "unregister",
 ]

@@ -39,6 +39,15 @@ class VectorTransformModule(TransformModule):
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
+    #: Whether one layer can link every pair of dimensions by a learnable linear dependence
+    #: (LU, Householder, Sylvester, BNAF, an autoregressive layer); a guide then gains nothing
+    #: from a full-rank affine beside it. Rank-one updates (planar, radial) do not count.
+    mixes_all_pairs: bool = False
+
+    @property
+    def has_analytic_inverse(self) -> bool:
+        """Whether ``inverse_and_log_det`` is implemented (planar, radial, ... have none)."""
+        return type(self).inverse_and_log_det is not VectorTransformModule.inverse_and_log_det
 
     def __init__(self):
         super().__init__(cache_size=1)

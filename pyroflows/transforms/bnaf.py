@@ -71,6 +71,8 @@ class BlockAutoregressive(VectorTransformModule):
         True
     """
 
+    mixes_all_pairs = True
+
     def __init__(
         self, input_dim: int, hidden_factors: Sequence[int] = (8, 8), gate_init: float = -4.0
     ):

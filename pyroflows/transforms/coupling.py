@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .autoregressive import DEFAULT_HIDDEN, masked_layer
+from .masked import masked_layer
+from .nn import DEFAULT_HIDDEN_DIMS
 from .registry import register
 from .transformers import Additive, Affine, RationalQuadraticSpline
 
@@ -53,7 +54,7 @@ def nice(
     *,
     layer=0,
     context_dim=0,
-    hidden_dims=DEFAULT_HIDDEN,
+    hidden_dims=DEFAULT_HIDDEN_DIMS,
     activation="relu",
     split_dim=None,
 ):
@@ -73,7 +74,7 @@ def realnvp(
     *,
     layer=0,
     context_dim=0,
-    hidden_dims=DEFAULT_HIDDEN,
+    hidden_dims=DEFAULT_HIDDEN_DIMS,
     activation="relu",
     split_dim=None,
     scale_bound=3.0,
@@ -96,7 +97,7 @@ def nsf(
     *,
     layer=0,
     context_dim=0,
-    hidden_dims=DEFAULT_HIDDEN,
+    hidden_dims=DEFAULT_HIDDEN_DIMS,
     activation="relu",
     split_dim=None,
     count_bins=8,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .autoregressive import DEFAULT_HIDDEN
 from .coupling import realnvp
 from .linear import LULinear
+from .nn import DEFAULT_HIDDEN_DIMS
 from .normalization import ActNorm
 from .registry import compose, register
 
@@ -17,7 +17,7 @@ def glow(
     *,
     layer=0,
     context_dim=0,
-    hidden_dims=DEFAULT_HIDDEN,
+    hidden_dims=DEFAULT_HIDDEN_DIMS,
     activation="relu",
     split_dim=None,
     scale_bound=3.0,

@@ -37,6 +37,8 @@ class Householder(VectorTransformModule):
 
     volume_preserving = True
 
+    mixes_all_pairs = True
+
     def __init__(self, input_dim: int, count: int = 2):
         super().__init__()
         self.input_dim = input_dim

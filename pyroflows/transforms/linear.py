@@ -26,6 +26,8 @@ class LULinear(VectorTransformModule):
         True
     """
 
+    mixes_all_pairs = True
+
     def __init__(self, input_dim: int, permutation: Tensor | None = None, bias: bool = True):
         super().__init__()
         self.input_dim = input_dim

@@ -20,7 +20,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MaskedMLP"]
+__all__ = ["DEFAULT_HIDDEN_DIMS", "MaskedMLP", "contiguous_slice"]
+
+DEFAULT_HIDDEN_DIMS = (64, 64)  # conditioner widths of every family unless told otherwise
 
 _ACTIVATIONS = {
     "relu": nn.functional.relu,
@@ -31,7 +33,7 @@ _ACTIVATIONS = {
 }
 
 
-def _as_slice(index: Tensor) -> slice | None:
+def contiguous_slice(index: Tensor) -> slice | None:
     """``slice(a, b)`` if ``index`` is ``a, a + 1, ..., b - 1``, else None."""
     if len(index) and torch.equal(index, torch.arange(int(index[0]), int(index[0]) + len(index))):
         return slice(int(index[0]), int(index[0]) + len(index))
@@ -66,7 +68,7 @@ class MaskedMLP(nn.Module):
         in_ranks: Tensor,
         out_ranks: Tensor,
         params_per_output: int,
-        hidden_dims: Sequence[int] = (64, 64),
+        hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
         context_dim: int = 0,
         activation: str = "relu",
     ):
@@ -89,7 +91,7 @@ class MaskedMLP(nn.Module):
         self.register_buffer("used_inputs", used)
         self.all_inputs_used = len(used) == len(in_ranks)
         # A contiguous block of inputs (the usual coupling half) is read as a view.
-        self.used_slice = None if self.all_inputs_used else _as_slice(used)
+        self.used_slice = None if self.all_inputs_used else contiguous_slice(used)
         ranks = in_ranks[used]
         # Context features have rank -1: every unit may see them.
         ranks = torch.cat([ranks, torch.full((context_dim,), -1, dtype=torch.long)])

@@ -23,7 +23,15 @@ from torch import nn
 
 from .base import Stack
 
-__all__ = ["FlowFamily", "available", "build", "family", "register"]
+__all__ = [
+    "FlowFamily",
+    "available",
+    "build",
+    "family",
+    "invertible",
+    "mixes_all_pairs",
+    "register",
+]
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,8 @@ class FlowFamily:
         num_layers: blocks stacked when ``build`` is not told ``num_layers``.
         identity_init: whether a freshly built block is exactly the identity map.
         analytic_inverse: whether the inverse is computed in closed form (or by a finite
-            number of conditioner passes), rather than not at all.
+            number of conditioner passes), rather than not at all; the contract test checks
+            that it agrees with ``invertible`` of a built block.
         conditional: whether ``context_dim > 0`` gives a conditional transform.
     """
 
@@ -222,3 +231,33 @@ def _check_keywords(families: list[FlowFamily], architecture: dict, context_dim:
                 f"no conditional version of {[f.name for f in families]}; "
                 f"conditional flows: {', '.join(sorted(conditional))}"
             )
+
+
+def _parts(flow) -> list:
+    return list(flow.parts) if isinstance(flow, Stack) else [flow]
+
+
+def invertible(flow: nn.Module) -> bool:
+    """Whether every part of a built flow has an analytic inverse (foreign modules: no).
+
+    "Sticking the landing" and DReG gradients and density evaluation need it; planar,
+    radial, Sylvester and BNAF layers have none.
+
+    Example:
+        >>> invertible(build("realnvp", 3)), invertible(build("planar", 3))
+        (True, False)
+    """
+    return all(getattr(p, "has_analytic_inverse", False) for p in _parts(flow))
+
+
+def mixes_all_pairs(flow: nn.Module) -> bool:
+    """Whether some layer of a built flow lets every dimension depend on every other.
+
+    A coupling stack does not (its halves never condition some pairs on each other); an
+    autoregressive, LU, Householder, Sylvester or BNAF layer does.
+
+    Example:
+        >>> mixes_all_pairs(build("realnvp", 4)), mixes_all_pairs(build("iaf", 4))
+        (False, True)
+    """
+    return any(getattr(p, "mixes_all_pairs", False) for p in _parts(flow))

@@ -31,6 +31,8 @@ class Sylvester(VectorTransformModule):
         True
     """
 
+    mixes_all_pairs = True
+
     def __init__(self, input_dim: int, count: int = 2):
         super().__init__()
         self.input_dim = input_dim
