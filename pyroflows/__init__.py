@@ -2,17 +2,12 @@
 
 from . import distributed, supports, transforms
 from .density import DensityFit, Flow
-from .diagnostics import (
-    importance_resample,
-    khat_threshold,
-    log_evidence,
-    neutra,
-    psis,
-    psis_diagnostic,
-)
+from .diagnostics import importance_resample, log_evidence, psis_diagnostic
 from .fit import FitError, FitResult, fit
 from .guides import AutoFlowGuide, init_to_median
+from .neutra import neutra
 from .objectives import ImportanceWeightedELBO
+from .psis import khat_threshold, psis
 
 __version__ = "0.1.0.dev0"
 

@@ -35,10 +35,11 @@ with warnings.catch_warnings():  # ArviZ 0.2x announces its 1.0 refactor on impo
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
-from .diagnostics import _psis_result
+from .diagnostics import importance_resample
 from .draws import Draws, draw, evaluate_at
+from .psis import PSISResult
 
-__all__ = ["to_inference_data"]
+__all__ = ["from_importance_resample", "from_neutra", "to_inference_data"]
 
 
 def to_inference_data(
@@ -59,8 +60,10 @@ def to_inference_data(
         args, kwargs: the model's arguments.
         num_samples: guide draws.
         posterior_predictive, log_likelihood: include these groups.
-        resample: importance-resample the draws (Pareto-smoothed weights) towards the exact
-            posterior; every group is resampled consistently.
+        resample: importance-resample the draws towards the exact posterior with
+            ``importance_resample`` (Pareto-smoothed weights, moment matching where k-hat is
+            high); every group is resampled consistently. ``lp`` and ``log_weight`` are then
+            those of the (possibly moment-matched) proposals.
         seed: seed for the draws (the global random state is left as it was).
 
     Example:
@@ -80,12 +83,19 @@ def to_inference_data(
     with rng:
         if seed is not None:
             torch.manual_seed(seed)
-        draws = draw(model, guide, args, kwargs, num_samples, predictive=posterior_predictive)
-        diagnostic = _psis_result(draws.log_weights)
-        index = None
         if resample:
-            index = torch.multinomial(diagnostic.log_weights.exp(), num_samples, replacement=True)
-            index = index.to(draws.log_joint.device)
+            out = importance_resample(
+                model,
+                guide,
+                *args,
+                num_samples=num_samples,
+                predictive=posterior_predictive,
+                **kwargs,
+            )
+            draws, diagnostic, index = out.draws, out.diagnostic, out.index
+        else:
+            draws = draw(model, guide, args, kwargs, num_samples, predictive=posterior_predictive)
+            diagnostic, index = PSISResult.from_log_weights(draws.log_weights), None
 
     def take(x):
         return x[index] if index is not None else x
@@ -108,6 +118,8 @@ def to_inference_data(
         "psis_threshold": diagnostic.threshold,
         "importance_ess": diagnostic.ess,
     }
+    if resample:
+        attrs["moment_matching_steps"] = out.num_adaptations
     return _build(draws, groups, attrs, chains=1)
 
 
@@ -163,7 +175,7 @@ def _build(draws: Draws, groups: dict, attrs: dict, chains: int) -> az.Inference
         )
 
 
-def _from_resample(result) -> az.InferenceData:
+def from_importance_resample(result) -> az.InferenceData:
     draws = result.draws
     groups = {"posterior": dict(result.samples)}
     attrs = {
@@ -177,7 +189,7 @@ def _from_resample(result) -> az.InferenceData:
     return _build(draws, groups, attrs, chains=1)
 
 
-def _from_neutra(model, guide, args, kwargs, latent, chains, draws_per_chain, mcmc):
+def from_neutra(model, guide, args, kwargs, latent, chains, draws_per_chain, mcmc):
     probe = draw(model, guide, args, kwargs, 1)
     evaluated = evaluate_at(model, args, kwargs, probe, latent)
     posterior = dict(latent)

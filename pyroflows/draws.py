@@ -114,11 +114,14 @@ def draw(
 
 
 @torch.no_grad()
-def evaluate_at(model, args, kwargs, draws: Draws, values: dict[str, Tensor]) -> dict:
+def evaluate_at(
+    model, args, kwargs, draws: Draws, values: dict[str, Tensor], predictive: bool = False
+) -> dict:
     """The model at given latent values (``(S, *shape)`` per latent site), vectorised.
 
-    Returns ``{"values", "log_likelihood", "log_joint"}`` as ``draw`` computes them
-    (``values`` holds the deterministic sites).
+    Returns ``{"values", "log_likelihood", "log_joint", "predictive"}`` as ``draw`` computes
+    them (``values`` holds the deterministic sites; ``predictive`` the observed sites drawn
+    afresh at each row, if asked for).
     """
     num = next(iter(values.values())).shape[0]
     mpn = draws.max_plate_nesting
@@ -130,6 +133,8 @@ def evaluate_at(model, args, kwargs, draws: Draws, values: dict[str, Tensor]) ->
     trace = prune_subsample_sites(poutine.trace(vectorized).get_trace(*args, **kwargs))
     out = _collect(trace, poutine.Trace(), draws.sites, num, mpn, proposal=False)
     out["values"] = {n: v for n, v in out["values"].items() if draws.sites[n].kind != "latent"}
+    if predictive:
+        out["predictive"] = _predict(vectorized, args, kwargs, draws.sites, num, mpn)
     return out
 
 
@@ -241,14 +246,19 @@ def _vectorized(model, guide, args, kwargs, num, sites, mpn, predictive):
     )
     out = _collect(model_trace, guide_trace, sites, num, mpn)
     if predictive:
-        unconditioned = _Predict(sites)(poutine.replay(plated(model), trace=guide_trace))
-        trace = poutine.trace(unconditioned).get_trace(*args, **kwargs)
-        out["predictive"] = {
-            n: _unvectorize(trace.nodes[n]["value"], num, mpn, s.shape, len(s.batch_shape))
-            for n, s in sites.items()
-            if s.kind == "observed"
-        }
+        replayed = poutine.replay(plated(model), trace=guide_trace)
+        out["predictive"] = _predict(replayed, args, kwargs, sites, num, mpn)
     return out
+
+
+def _predict(vectorized_model, args, kwargs, sites, num, mpn) -> dict[str, Tensor]:
+    """The observed sites drawn afresh by a vectorised model whose latents are fixed."""
+    trace = poutine.trace(_Predict(sites)(vectorized_model)).get_trace(*args, **kwargs)
+    return {
+        n: _unvectorize(trace.nodes[n]["value"], num, mpn, s.shape, len(s.batch_shape))
+        for n, s in sites.items()
+        if s.kind == "observed"
+    }
 
 
 def _sequential(model, guide, args, kwargs, num, sites, predictive):
