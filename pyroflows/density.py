@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.distributions.transforms import AffineTransform, ComposeTransform
 
 from . import transforms
-from .fit import FitError, _Progress
+from .progress import FitError, Progress
 
 __all__ = ["DensityFit", "Flow"]
 
@@ -76,9 +76,8 @@ class Flow(nn.Module):
             The default pairs an affine coupling, which sets location and scale, with a
             spline coupling, which shapes: a spline alone is the identity outside its
             interval, so where the data are much narrower than the base (a sharp
-            conditional, a tight cluster) its linear tails scatter far-out samples. Measured
-            on p(x | c) = N(2c, 0.3 exp(c/2)) at c = -1.5 (true sd 0.142): sample sd 0.45
-            with ``"nsf"`` alone, 0.134 with the default (``tests/test_density.py``).
+            conditional, a tight cluster) its linear tails scatter far-out samples
+            (``benchmarks/RESULTS.md``, "Design measurements").
         num_layers: how many times to stack the spec (default 3; ``None``: the family's own
             default for a single name).
         context_dim: if positive, the flow is conditional: every call takes a ``context``
@@ -235,7 +234,7 @@ class Flow(nn.Module):
         n = data.shape[0]
         batch_size = n if batch_size is None else min(batch_size, n)
         order, position = torch.randperm(n, device=data.device), 0
-        bar = _Progress(progress, num_steps, label="NLL", sign=1.0)
+        bar = Progress(progress, num_steps, label="NLL", sign=1.0)
         losses, start = [], time.perf_counter()
         for step in range(1, num_steps + 1):
             if position + batch_size > n:

@@ -40,7 +40,7 @@ def psis_diagnostic(model, guide, *args, num_samples: int = 1000, **kwargs) -> P
     Arguments:
         model, guide: a Pyro model and a guide fitted to it (any guide).
         args, kwargs: the model's arguments.
-        num_samples: guide draws ``S`` (the threshold depends on it; see the module).
+        num_samples: guide draws ``S`` (the threshold depends on it: ``khat_threshold``).
 
     Example:
         >>> import pyro, pyro.distributions as dist

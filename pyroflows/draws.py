@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
@@ -21,6 +20,8 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
+
+from .scoring import scoring
 
 __all__ = ["Draws", "SiteInfo", "draw", "evaluate_at", "log_joint_at", "sum_per_draw"]
 
@@ -82,7 +83,7 @@ def draw(
     kwargs = kwargs or {}
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
-    with _plain_scoring(guide):
+    with scoring(guide, stopped=False):  # the cheap forward score, not STL
         guide_trace, model_trace = _traces(model, guide, args, kwargs)
         sites, mpn = _site_infos(model_trace, guide_trace)
         observed = {
@@ -158,19 +159,6 @@ class _Predict(Messenger):
             msg["infer"]["obs"] = msg["value"]
             msg["value"] = None
             msg["done"] = False
-
-
-@contextmanager
-def _plain_scoring(guide):
-    """Score draws with the guide's live parameters (the cheap forward pass), not STL."""
-    before = getattr(guide, "stl", False)
-    if before:
-        guide.stl = False
-    try:
-        yield
-    finally:
-        if before:
-            guide.stl = before
 
 
 def _traces(model, guide, args, kwargs):

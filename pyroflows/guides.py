@@ -1,69 +1,9 @@
 r"""``AutoFlowGuide``: a normalizing-flow guide that drops in where ``AutoNormal`` was.
 
-Pyro semantics, settled here:
-
-- **An** ``AutoContinuous``. All continuous latent sites are mapped to one unconstrained
-  vector with ``biject_to`` (as in ADVI), so Pyro's ``NeuTraReparam``, ``AutoGuideList``,
-  ``Predictive`` and ``get_posterior`` work unchanged. The variational distribution is
-  ``base -> flow -> affine(loc, L) -> unconstrained latent``: the flow acts in a
-  standardised space, so spline bounds and initialisation do not depend on the posterior's
-  location and scale; an identity flow leaves exactly ``AutoNormal``'s starting point.
-- **The affine.** ``L`` is diagonal or lower-triangular. ``affine="auto"`` makes it full
-  (up to 200 dimensions, beyond which ``D^2`` parameters dominate the cost) only for flows
-  with no layer that mixes every pair of dimensions, i.e. stacks of coupling layers, whose
-  alternating halves never condition some pairs on each other: then the guide contains
-  ``AutoMultivariateNormal`` and the flow models only what is not linear. Autoregressive,
-  LU, Householder, Sylvester and BNAF layers mix by themselves, and for them a full ``L``
-  measurably hurts: with the default IAF it raised the funnel's KL from 0.45 to 0.55 and let
-  one of three seeds diverge on centred eight schools.
-- **Lazy setup, loadable without a call.** As with every Pyro autoguide, the model is traced
-  on the first call (the guide needs the model's arguments to see its sites). The latent
-  layout (site names and shapes) is part of ``state_dict()``, so a fresh guide can
-  ``load_state_dict`` before it has ever been called; the first call then checks that the
-  model still has that layout and raises a clear error if it does not.
-- **Parameter names.** Parameters live on the guide (an ``nn.Module``) and are registered in
-  Pyro's global param store under the guide's ``name``, which is unique: if the store or
-  another live guide already uses ``"AutoFlowGuide"``, the new guide becomes
-  ``"AutoFlowGuide_2"`` and so on, so two guides never share state silently. Pass ``name=``
-  to choose it yourself. Save and restore with ``guide.state_dict()`` or ``torch.save(guide)``.
-- **Local latents.** Latent sites inside a plate of fixed size are simply part of the latent
-  vector. Sites inside a *subsampled* plate are refused with an error naming the site: a
-  single flow over the whole vector cannot be indexed by a minibatch. Give them their own
-  guide with ``AutoGuideList`` (see the error message).
-- **Defaults, by measurement** (``benchmarks/guides.py``, ``benchmarks/results/``; 5000
-  steps of plain SVI, 1 particle, lr 1e-2 to 1e-3, 3 seeds): two IAF blocks
-  (``flow="iaf", num_layers=2``, log-scale bound 6) behind a diagonal affine, conditioner
-  width ``2 d`` clipped to ``[32, 128]``. Affine autoregressive layers change scale with the
-  other coordinates, which funnels need; a spline with identity tails cannot rescale, and
-  spline couplings stayed at KL 1.9-2.1 on Neal's funnel (d = 10), no better than
-  AutoMultivariateNormal (2.0). Means over 3 seeds, default vs AutoIAFNormal vs
-  AutoMultivariateNormal: funnel KL 0.40 / 0.54 / 2.03, max |Δmean|/sd 0.11 / 0.23 / 0.53,
-  max |log sd ratio| 0.40 / 0.53 / 1.83; centred eight schools max |Δmean|/sd
-  0.35 / 0.42 / 1.42, max |log sd ratio| 0.15 / 0.33 / 2.15. Four affine blocks started at
-  ``init_scale=0.1`` diverged on eight schools; two blocks rather than one keep non-Gaussian
-  shapes (on Rezende's ring the ELBO gain over AutoMultivariateNormal is 0.18 nats with two,
-  0.10 with one).
-- **The start** (``init="auto"``). Where the model's unconstrained log density has a mode
-  that L-BFGS (then Newton, in float64) can reach and the Laplace approximation there is a
-  reasonable proposal (PSIS k-hat < 0.7 or log-weight spread < 1 nat on 200 draws), the guide
-  starts at that Laplace approximation and keeps it as a fixed preconditioner: the
-  parameters then live in whitened units, ``z = center + P (loc + L flow(eps))`` with
-  ``loc = 0`` and ``L = I`` at the start. Without it, Adam's steps of about ``lr`` in absolute
-  units cannot resolve posteriors whose sds are 1e-3 of the prior's or whose parameters are
-  correlated at 0.9999: on posteriordb's sblrc-blr, kilpisjarvi and diamonds every guide,
-  Pyro's and ours, ended 6 to 180 posterior sds away after 2000 steps; with the Laplace start
-  the default guide ends within 0.10 sd (``benchmarks/RESULTS.md``). Funnels have no useful
-  mode (Neal's funnel's is at v = -40.5, centred eight schools has none): the checks reject
-  them and the guide starts from ``init_loc_fn`` and ``init_scale`` as before. On a
-  multimodal target the Laplace start sits on one mode, a local optimum of KL(q || p): pass
-  ``init="prior"`` there. Up to 200 latent dimensions (the Hessian costs ``D`` backward
-  passes); beyond, the prior start.
-- **Discrete sites** must be enumerated (``infer={"enumerate": "parallel"}`` with
-  ``TraceEnum_ELBO``); they are then hidden from this guide. Any other discrete site is an
-  error naming the site.
-- **Supports that depend on other latents** (``b ~ Uniform(0, 1 - a)``) cannot be handled by
-  a fixed ``biject_to`` per site (Pyro's autoguides silently draw outside the support). Such
-  sites are detected at setup and refused with an error naming the site and the fix.
+How it behaves as a Pyro autoguide (one unconstrained latent vector, the affine, lazy
+setup, parameter names, local latents, the start, discrete sites, dependent supports) is set
+out in ``docs/guide/semantics.md``; the figures behind each default, in
+``benchmarks/RESULTS.md``.
 
 Example:
     >>> import pyro, pyro.distributions as dist
@@ -80,95 +20,37 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.distributions.transforms import AffineTransform, ComposeTransform, LowerCholeskyAffine
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.guides import AutoGuide, prototype_hide_fn
-from pyro.infer.autoguide.initialization import init_to_median as _pyro_init_to_median
 from torch import Tensor, nn
-from torch.distributions import biject_to, constraints
+from torch.distributions import biject_to
 
 from . import supports as _supports  # noqa: F401  (registers extra biject_to)
 from . import transforms
+from .adapters import check_param_store, reserve_param_name, unique_param_name
+from .architecture import build_guide_flow, validate_flow_spec
+from .laplace import LaplaceStart, laplace_start
+from .scoring import FlowInverter, StoppedScore
+from .sites import (
+    check_dependent_supports,
+    check_latent_site,
+    check_layout,
+    enumerated,
+    init_to_median,
+    split_latent,
+    unconstrained_energy,
+)
 
 __all__ = ["AutoFlowGuide", "init_to_median"]
 
-_LIVE_NAMES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
 FULL_RANK_LIMIT = 200  # affine="auto": a full lower-triangular L up to this many dimensions
-DEFAULT_NUM_LAYERS = 2  # blocks of the default flow (see the module docstring)
-LAPLACE_LIMIT = 200  # init="auto": the Laplace start up to this many dimensions
-NEWTON_STEPS = 5  # after L-BFGS, to reach the mode on badly conditioned posteriors
-LAPLACE_CHECK_DRAWS = 200  # draws for the k-hat check of the Laplace start
-
-
-def _init_to_unconstrained_zero(site):
-    """A feasible point without sampling: the constrained image of 0 (flat priors too)."""
-    fn = site["fn"]
-    transform = biject_to(fn.support)
-    shape = transform.inverse_shape(fn.shape())
-    zero = torch.zeros(shape, dtype=torch.get_default_dtype())
-    return transform(zero).detach()
-
-
-def init_to_median(site=None, num_samples: int = 15):
-    """Pyro's ``init_to_median``, falling back to a point needing no sampling.
-
-    Pyro's own fallback samples from the prior, which fails for ``ImproperUniform`` flat
-    priors; this one uses the constrained image of zero.
-
-    Example:
-        >>> from torch.distributions import constraints
-        >>> flat = dist.ImproperUniform(constraints.positive, (), (2,))
-        >>> site = {"fn": flat, "is_observed": False, "type": "sample", "value": None,
-        ...         "name": "s", "infer": {}}
-        >>> init_to_median(site)
-        tensor([1., 1.])
-    """
-    if site is None:
-        return lambda site: init_to_median(site, num_samples)
-    try:
-        return _pyro_init_to_median(site, num_samples, fallback=_init_to_unconstrained_zero)
-    except NotImplementedError:  # Pyro's multivariate path samples even where it cannot
-        return _init_to_unconstrained_zero(site)
-
-
-def _enumerated(msg) -> bool:
-    return msg["type"] == "sample" and msg["infer"].get("enumerate") in ("parallel", "sequential")
-
-
-def _support_key(support) -> tuple:
-    """The tensors that define a constraint (e.g. an interval's bounds), for comparison."""
-    parts = []
-    for value in vars(support).values():
-        if isinstance(value, Tensor):
-            parts.append(value.detach())
-        elif isinstance(value, constraints.Constraint):
-            parts.extend(_support_key(value))
-    return tuple(parts)
-
-
-def _unique_name(base: str) -> str:
-    store = pyro.get_param_store()
-
-    def taken(name: str) -> bool:
-        prefixes = (name + ".", name + "$$$")
-        return name in _LIVE_NAMES or any(k.startswith(prefixes) for k in store.keys())
-
-    if not taken(base):
-        return base
-    i = 2
-    while taken(f"{base}_{i}"):
-        i += 1
-    return f"{base}_{i}"
 
 
 class AutoFlowGuide(AutoContinuous):
@@ -187,7 +69,7 @@ class AutoFlowGuide(AutoContinuous):
             or a callable ``latent_dim -> TransformModule``.
         num_layers: blocks of the flow (default: 2 for the default flow, else the family's
             own default).
-        hidden_dims: conditioner widths (default: see ``default_hidden_dims``).
+        hidden_dims: conditioner widths (default: ``architecture.default_hidden_dims``).
         base: ``"normal"``, or ``"studentt"`` for a heavy-tailed base with learnable degrees
             of freedom per dimension (tail-adaptive flows, Jaini et al. 2020,
             arXiv:1907.04481), for posteriors with Cauchy-like tails. Its degrees of freedom
@@ -197,7 +79,7 @@ class AutoFlowGuide(AutoContinuous):
         init_scale: initial ``scale`` of every unconstrained dimension.
         affine: ``"full"`` (lower-triangular ``L``), ``"diagonal"``, or ``"auto"``: full for
             coupling-only flows up to 200 latent dimensions, else diagonal.
-        init: ``"auto"``: the Laplace start where it is sound (see the module docstring), else
+        init: ``"auto"``: the Laplace start where it is sound (``pyroflows.laplace``), else
             ``init_loc_fn``/``init_scale``; ``"laplace"``: the same (falls back likewise);
             ``"prior"``: always ``init_loc_fn``/``init_scale`` (then an untrained guide draws
             exactly what an untrained ``AutoNormal`` draws).
@@ -205,10 +87,9 @@ class AutoFlowGuide(AutoContinuous):
             guide scores its own sample with its parameters stopped, so the ELBO gradient has
             zero variance at the optimum, under plain ``SVI`` + ``Trace_ELBO`` too. It costs
             one inverse pass of the flow (one conditioner pass per coupling layer, ``D`` per
-            IAF layer), and needs a flow with an analytic inverse (not planar, radial,
-            Sylvester or BNAF). Off by default: measured on a conjugate regression (1500 steps,
-            lr 1e-2 to 1e-3), plain gradients reached KL 0.15 and STL 0.93, its variance far
-            from the optimum slowing the start; it pays off close to the optimum.
+            IAF layer), and needs a flow with an analytic inverse (``transforms.invertible``).
+            Off by default: far from the optimum its variance slows the start
+            (``benchmarks/RESULTS.md``, "Design measurements"); it pays off close to it.
         create_plates: as for Pyro's autoguides.
         name: the prefix of this guide's parameters in Pyro's param store (default: a
             unique ``"AutoFlowGuide"``, ``"AutoFlowGuide_2"``, ...).
@@ -251,14 +132,15 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(f"affine must be 'auto', 'full' or 'diagonal', got {affine!r}")
         if init not in ("auto", "laplace", "prior"):
             raise ValueError(f"init must be 'auto', 'laplace' or 'prior', got {init!r}")
-        _validate_flow_spec(flow)
+        validate_flow_spec(flow)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.create_plates = create_plates
-        self._pyro_name = name if name is not None else _unique_name(type(self).__name__)
-        _LIVE_NAMES[self._pyro_name] = self
+        if name is None:
+            self._pyro_name = unique_param_name(type(self).__name__, self)
+        else:
+            self._pyro_name = name
+            reserve_param_name(name, self)
         self._flow_spec = flow
-        if num_layers is None and isinstance(flow, str) and flow == "iaf":
-            num_layers = DEFAULT_NUM_LAYERS
         self._num_layers = num_layers
         self._hidden_dims = hidden_dims
         self._flow_kwargs = flow_kwargs
@@ -275,7 +157,7 @@ class AutoFlowGuide(AutoContinuous):
     @staticmethod
     def _prototype_hide_fn(msg):
         # Enumerated discrete sites are marginalised by TraceEnum_ELBO, not guided.
-        return prototype_hide_fn(msg) or _enumerated(msg)
+        return prototype_hide_fn(msg) or enumerated(msg)
 
     def _setup_prototype(self, *args, **kwargs):
         # Setup draws from the prior (init_to_median); fork the RNG so that it leaves the
@@ -294,183 +176,42 @@ class AutoFlowGuide(AutoContinuous):
         self._unconstrained_shapes = {}
         self._cond_indep_stacks = {}
         for name, site in sites:
-            self._check_site(name, site)
+            check_latent_site(name, site)
             transform = biject_to(site["fn"].support)
             self._unconstrained_shapes[name] = transform.inv(site["value"]).shape
             self._cond_indep_stacks[name] = site["cond_indep_stack"]
         self.latent_dim = sum(math.prod(s) for s in self._unconstrained_shapes.values())
-        self._check_dependent_supports(*args, **kwargs)
+        check_dependent_supports(self.model, self.prototype_trace, args, kwargs)
         layout = [(name, tuple(shape)) for name, shape in self._unconstrained_shapes.items()]
         if self._layout is not None:  # parameters came from a state dict
-            _check_layout(self._layout, layout)
+            check_layout(self._layout, layout)
         else:
             self._layout = layout
             init_loc = self._init_loc()
-            laplace = self._laplace(init_loc, args, kwargs) if self._init != "prior" else None
-            if laplace is None and self._init == "laplace":
-                warnings.warn(
-                    "AutoFlowGuide: no sound Laplace start for this model (no reachable mode, "
-                    "or the approximation there is poor); starting from init_loc_fn instead",
-                    stacklevel=4,
-                )
+            laplace = None
+            if self._init != "prior":
+                start = self._laplace_start(init_loc, args, kwargs)
+                if start.ok:
+                    laplace = start.mode, start.precond
+                elif self._init == "laplace":
+                    warnings.warn(
+                        f"AutoFlowGuide: no sound Laplace start for this model ({start.reason}); "
+                        "starting from init_loc_fn instead",
+                        stacklevel=4,
+                    )
             self._create_parameters(init_loc, laplace)
 
-    def _laplace(self, init_loc: Tensor, args, kwargs):
-        """The Laplace approximation in unconstrained space, ``(mode, chol(H^-1))``, or None.
+    def _laplace_start(self, init_loc: Tensor, args, kwargs) -> LaplaceStart:
+        """The Laplace start on ``-log p(x, z(u)) - log|dz/du|`` (``pyroflows.laplace``)."""
+        if any(enumerated(m) for m in self.prototype_trace.nodes.values()):
+            return LaplaceStart(reason="the model has enumerated discrete sites")
 
-        L-BFGS from ``init_loc`` on ``-log p(x, z) - log|dz/du|``, then the Hessian at the
-        mode. ``None`` (and the prior-based start) where it fails: no finite mode (e.g. flat
-        directions), a Hessian that is not positive definite, enumerated discrete sites, or
-        more than ``LAPLACE_LIMIT`` dimensions (the Hessian costs ``D`` backward passes).
-        """
-        if len(init_loc) > LAPLACE_LIMIT:
-            return None
-        if any(_enumerated(m) for m in self.prototype_trace.nodes.values()):
-            return None
-
-        def energy(u):
-            values, log_det = self._unpack_with_log_det(u)
-            conditioned = poutine.condition(self.model, data=values)
-            trace = poutine.block(poutine.trace(conditioned).get_trace)(*args, **kwargs)
-            return -(trace.log_prob_sum() + log_det)
-
-        try:
-            with torch.enable_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a search towards no mode warns of NaN
-                # float64: the curvature of a badly conditioned posterior (condition numbers
-                # of 1e10 and more) is lost in float32 rounding; the model's float32 data
-                # promote to float64 where they meet the latent values.
-                u = init_loc.detach().double().requires_grad_(True)
-                optimizer = torch.optim.LBFGS(
-                    [u],
-                    lr=1.0,
-                    max_iter=500,
-                    tolerance_grad=1e-9,
-                    tolerance_change=1e-12,
-                    history_size=20,
-                    line_search_fn="strong_wolfe",
-                )
-
-                def closure():
-                    optimizer.zero_grad()
-                    value = energy(u)
-                    value.backward()
-                    return value
-
-                optimizer.step(closure)
-                # L-BFGS stalls on badly conditioned posteriors (e.g. a regression on an
-                # uncentred covariate); Newton steps are affine invariant and finish the job.
-                mode = u.detach()
-                for _ in range(NEWTON_STEPS):
-                    mode, _, chol_h, decrement = _newton_step(energy, mode)
-                    if not decrement > 1e-6:
-                        break
-            if not (torch.isfinite(mode).all() and torch.isfinite(chol_h).all()):
-                return None
-            # A mode, not a point where the search gave up: the Newton decrement g' H^-1 g
-            # (the predicted gain of one more Newton step, in nats) must be small.
-            if not decrement < 1e-2:
-                return None
-            precond = torch.linalg.cholesky(torch.cholesky_inverse(chol_h))
-        # not PD, no density, or (IndexError) torch's strong-Wolfe search indexing past its
-        # bracket on a NaN energy
-        except (RuntimeError, ValueError, NotImplementedError, IndexError):
-            return None
-        if not torch.isfinite(precond).all() or not self._laplace_fits(energy, mode, precond):
-            return None
-        return mode.to(init_loc.dtype), precond.to(init_loc.dtype)
-
-    @staticmethod
-    def _laplace_fits(energy, mode, precond, num: int = LAPLACE_CHECK_DRAWS) -> bool:
-        """PSIS k-hat of the Laplace approximation as a proposal for the posterior.
-
-        A mode can exist where the Laplace approximation is useless: Neal's funnel has its
-        mode at v = -40.5 (with the Jacobian), far from all its mass. Such a start would be
-        worse than the prior's, and k-hat shows it.
-        """
-        from .diagnostics import psis
-
-        generator = torch.Generator().manual_seed(0)
-        eps = torch.randn(num, len(mode), generator=generator, dtype=mode.dtype)
-        log_w = []
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for e in eps:
-                log_q = -0.5 * (e @ e)  # up to constants, the same for every draw
-                log_w.append(-energy(mode + precond @ e) - log_q)
-        log_w = torch.stack(log_w)
-        if not torch.isfinite(log_w).any():
-            return False
-        # With 200 draws k-hat is noisy near 0.7; a small spread of the log weights (the
-        # Laplace approximation within about a nat of the posterior everywhere it draws)
-        # is accepted as well.
-        finite = log_w[torch.isfinite(log_w)]
-        return bool(psis(log_w)[1] < 0.7 or (len(finite) == num and finite.std() < 1.0))
+        shapes = self._unconstrained_shapes
+        energy = unconstrained_energy(self.model, self.prototype_trace, shapes, args, kwargs)
+        return laplace_start(energy, init_loc)
 
     def _split_latent(self, latent: Tensor):
-        """``(name, biject_to transform, unconstrained piece (*batch, *shape))`` per site."""
-        batch, pos = latent.shape[:-1], 0
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            shape = self._unconstrained_shapes[name]
-            size = math.prod(shape)
-            piece = latent[..., pos : pos + size].reshape(batch + tuple(shape))
-            yield name, biject_to(site["fn"].support), piece
-            pos += size
-
-    def _unpack_with_log_det(self, u: Tensor):
-        """One unconstrained vector -> ``{site: constrained value}`` and ``log|dz/du|``."""
-        values, log_det = {}, 0.0
-        for name, transform, piece in self._split_latent(u):
-            values[name] = transform(piece)
-            log_det = log_det + transform.log_abs_det_jacobian(piece, values[name]).sum()
-        return values, log_det
-
-    def _check_site(self, name, site):
-        fn = site["fn"]
-        if fn.support.is_discrete:
-            raise ValueError(
-                f"AutoFlowGuide: latent site {name!r} is discrete ({fn.support}); flows need "
-                "continuous latents. Enumerate it (infer={'enumerate': 'parallel'} with "
-                "TraceEnum_ELBO) so that it is marginalised, or give it its own guide."
-            )
-        for frame in site["cond_indep_stack"]:
-            if frame.vectorized and frame.full_size is not None and frame.full_size != frame.size:
-                raise ValueError(
-                    f"AutoFlowGuide: latent site {name!r} is in the subsampled plate "
-                    f"{frame.name!r} (size {frame.full_size}, subsample {frame.size}). One flow "
-                    "over all latents cannot be indexed by a minibatch. Give local latents "
-                    "their own guide: guide = AutoGuideList(model); guide.append(AutoFlowGuide("
-                    f"poutine.block(model, hide=[{name!r}]))); guide.append(AutoNormal("
-                    f"poutine.block(model, expose=[{name!r}])))."
-                )
-
-    def _check_dependent_supports(self, *args, **kwargs):
-        """Re-run the model at a perturbed point; a site whose support moved depends on others."""
-        generator = torch.Generator().manual_seed(0)
-        moved = {}
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            transform = biject_to(site["fn"].support)
-            u = transform.inv(site["value"].detach())
-            noise = torch.randn(u.shape, generator=generator, dtype=u.dtype).to(u.device)
-            moved[name] = transform(u + 0.5 * noise)
-        try:
-            conditioned = poutine.condition(self.model, data=moved)
-            trace = poutine.block(poutine.trace(conditioned).get_trace)(*args, **kwargs)
-        except Exception:  # the model may reject the perturbed point; then we cannot tell
-            return
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            before = _support_key(site["fn"].support)
-            after = _support_key(trace.nodes[name]["fn"].support)
-            same = len(before) == len(after) and all(
-                a.shape == b.shape and torch.equal(a, b) for a, b in zip(before, after, strict=True)
-            )
-            if not same:
-                raise ValueError(
-                    f"AutoFlowGuide: the support of latent site {name!r} ({site['fn'].support}) "
-                    "depends on other latent variables, so no fixed transform maps the flow "
-                    "into it. Reparametrise, e.g. b = (1 - a) * u with u ~ Uniform(0, 1) (add "
-                    "pyro.factor(..., log(1 - a)) if the density of b must be kept)."
-                )
+        return split_latent(self.prototype_trace, self._unconstrained_shapes, latent)
 
     def _create_parameters(self, init_loc: Tensor, laplace=None) -> None:
         dim = len(init_loc)
@@ -494,28 +235,24 @@ class AutoFlowGuide(AutoContinuous):
         if self._base == "studentt":
             # df = 1 + softplus(raw) starts at 30: nearly Gaussian, tails learnable per dimension.
             self.df_raw = nn.Parameter(init_loc.new_full((dim,), math.log(math.expm1(29.0))))
-        flow = transforms.build(
-            self._flow_spec,
-            dim,
-            num_layers=self._num_layers,
-            **_architecture(self._flow_spec, dim, self._hidden_dims, self._flow_kwargs),
+        flow = build_guide_flow(
+            self._flow_spec, dim, self._num_layers, self._hidden_dims, self._flow_kwargs
         )
         self.flow = flow.to(dtype=init_loc.dtype, device=init_loc.device)
         # Whether L is full lower-triangular (else diagonal): fixed once the flow exists.
         if self._affine == "auto":
-            self.full_rank = dim <= FULL_RANK_LIMIT and not _mixes_all_pairs(self.flow)
+            self.full_rank = dim <= FULL_RANK_LIMIT and not transforms.mixes_all_pairs(self.flow)
         else:
             self.full_rank = self._affine == "full"
         if self.full_rank:  # strictly lower part of L; starts at zero (L = diag(init_scale))
             self.scale_lower = nn.Parameter(init_loc.new_zeros(dim, dim))
-        if self.stl and not _invertible(self.flow):
+        if self.stl and not transforms.invertible(self.flow):
             raise ValueError(
-                "stl=True needs a flow with an analytic inverse; "
-                f"{type(self.flow).__name__} has none (planar, radial, Sylvester and BNAF cannot "
-                "be inverted). Use stl=False or a coupling/autoregressive flow."
+                f"stl=True needs a flow with an analytic inverse; {type(self.flow).__name__} "
+                "has none. Use stl=False or a coupling/autoregressive flow."
             )
         # Not a registered submodule: the flow is registered once, under the guide.
-        self.__dict__["_inverter"] = _FlowInverter(self.flow)
+        self.__dict__["_inverter"] = FlowInverter(self.flow)
 
     # ----------------------------------------------------------------------- the posterior
     @property
@@ -563,18 +300,18 @@ class AutoFlowGuide(AutoContinuous):
     def sample_latent(self, *args, **kwargs):
         posterior = self.get_posterior()
         if self.stl:
-            if torch._C._get_tracing_state():
+            if torch.jit.is_tracing():
                 raise RuntimeError(
                     "stl=True evaluates the flow with stopped parameters through "
                     "torch.func.functional_call, which JitTrace_ELBO cannot trace; use Trace_ELBO"
                 )
-            posterior = _StoppedScore(posterior, self._stopped_log_prob)
+            posterior = StoppedScore(posterior, self._stopped_log_prob)
         return pyro.sample(self.latent_site_name, posterior, infer={"is_auxiliary": True})
 
     @property
     def flow_is_invertible(self) -> bool:
         """Whether the flow has an analytic inverse (needed by ``stl`` and DReG)."""
-        return _invertible(self.flow)
+        return transforms.invertible(self.flow)
 
     @property
     def latent_site_name(self) -> str:
@@ -599,17 +336,9 @@ class AutoFlowGuide(AutoContinuous):
 
     def _check_param_store(self):
         """Our parameters must be the tensors Pyro's store holds under our names."""
-        store = pyro.get_param_store()
         named = [(f"{self._pyro_name}.{n}", p) for n, p in self.named_parameters(recurse=False)]
         named += [(f"{self._pyro_name}.flow$$${n}", p) for n, p in self.flow.named_parameters()]
-        for fullname, param in named:
-            held = store._params.get(fullname)
-            if held is not None and held is not param:
-                raise RuntimeError(
-                    f"Pyro's param store holds another tensor under {fullname!r}: two guides "
-                    f"share the name {self._pyro_name!r}. Give this guide another name= or "
-                    "call pyro.clear_param_store() before creating it."
-                )
+        check_param_store(named, self._pyro_name)
         self._store_checked = True
 
     # ------------------------------------------------------------------ summaries of q
@@ -685,7 +414,7 @@ class AutoFlowGuide(AutoContinuous):
             )
         layout = [(name, tuple(shape)) for name, shape in state["layout"]]
         if self._layout is not None:
-            _check_layout(layout, self._layout)
+            check_layout(layout, self._layout)
         else:
             self._layout = layout
             self.latent_dim = sum(math.prod(shape) for _, shape in layout)
@@ -703,139 +432,5 @@ class AutoFlowGuide(AutoContinuous):
             )
 
 
-class _FlowInverter(nn.Module):
-    """``u -> (x, log|dx/du|... as the flow's forward log-det)``: the flow run backwards."""
-
-    def __init__(self, flow):
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, u):
-        x = self.flow.inv(u)
-        return x, self.flow.log_abs_det_jacobian(x, u)
-
-
-class _StoppedScore(dist.TorchDistribution):
-    """The guide's posterior, scored by a function with stopped parameters (STL)."""
-
-    arg_constraints: ClassVar[dict] = {}
-    has_rsample = True
-
-    def __init__(self, posterior, log_prob_fn):
-        self.posterior = posterior
-        self.log_prob_fn = log_prob_fn
-        super().__init__(posterior.batch_shape, posterior.event_shape, validate_args=False)
-
-    @property
-    def support(self):
-        return self.posterior.support
-
-    def rsample(self, sample_shape=()):
-        return self.posterior.rsample(torch.Size(sample_shape))
-
-    def sample(self, sample_shape=()):
-        return self.posterior.sample(torch.Size(sample_shape))
-
-    def log_prob(self, value):
-        return self.log_prob_fn(value)
-
-
-def _mixes_all_pairs(flow) -> bool:
-    """Whether some layer lets every dimension depend on every other (so a full L is moot)."""
-    parts = flow.parts if isinstance(flow, transforms.Stack) else [flow]
-    mixing = (
-        transforms.LULinear,
-        transforms.Householder,
-        transforms.Sylvester,
-        transforms.BlockAutoregressive,
-    )
-    return any(
-        isinstance(p, mixing) or (isinstance(p, transforms.MaskedAutoregressive) and p.passes > 1)
-        for p in parts
-    )
-
-
-def _invertible(flow) -> bool:
-    """Whether every part of a flow of ours overrides the inverse (foreign modules: no)."""
-    parts = flow.parts if isinstance(flow, transforms.Stack) else [flow]
-    base = transforms.VectorTransformModule.inverse_and_log_det
-    return all(
-        isinstance(p, transforms.VectorTransformModule) and type(p).inverse_and_log_det is not base
-        for p in parts
-    )
-
-
-def _newton_step(energy, u):
-    """One damped Newton step on ``energy`` from ``u``: ``(u', grad, chol(H), decrement)``.
-
-    The gradient, Cholesky factor and decrement returned are those at the *returned* point.
-    Raises ``RuntimeError`` where the Hessian is not positive definite.
-    """
-
-    def derivatives(point):
-        point = point.detach().requires_grad_(True)
-        value = energy(point)
-        (grad,) = torch.autograd.grad(value, point)
-        hessian = torch.autograd.functional.hessian(energy, point.detach())
-        chol = torch.linalg.cholesky(0.5 * (hessian + hessian.T))
-        step = torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
-        return value.detach(), grad, chol, step, grad @ step
-
-    value, grad, chol, step, decrement = derivatives(u)
-    if not decrement > 1e-6:
-        return u, grad, chol, decrement
-    for damping in (1.0, 0.5, 0.25, 0.125):
-        candidate = u - damping * step
-        with torch.no_grad():
-            new_value = energy(candidate)
-        if torch.isfinite(new_value) and new_value <= value:
-            _, grad, chol, _, decrement = derivatives(candidate)
-            return candidate, grad, chol, decrement
-    return u, grad, chol, decrement
-
-
-def _check_layout(expected, actual):
-    if list(expected) != list(actual):
-        raise ValueError(
-            "the state dict belongs to a model with other latent sites: it has "
-            f"{_describe(expected)}, this model has {_describe(actual)}"
-        )
-
-
-def _describe(layout):
-    return ", ".join(f"{name}{list(shape)}" for name, shape in layout)
-
-
-def _validate_flow_spec(flow):
-    """Unknown names fail at construction, not at the first SVI step."""
-    names = [flow] if isinstance(flow, str) else flow
-    if isinstance(names, (list, tuple)):
-        for name in names:
-            transforms.family(name)
-
-
-def default_hidden_dims(latent_dim: int) -> list[int]:
-    """The conditioner width policy: ``2 * latent_dim`` clipped to ``[32, 128]``, two layers.
-
-    Wide enough for small models, and bounded so that the cost per step grows linearly with
-    the latent dimension, not quadratically. The cap was set by measurement: at d = 1000 the
-    step is dominated by the optimizer's pass over the conditioners' O(d * width) weights;
-    a cap of 256 cost 2.7-3.1x an AutoNormal step there.
-    """
-    width = min(max(2 * latent_dim, 32), 128)
-    return [width, width]
-
-
-def _architecture(spec, dim, hidden_dims, flow_kwargs):
-    kwargs = dict(flow_kwargs)
-    if isinstance(spec, nn.Module) or (callable(spec) and not isinstance(spec, (str, list, tuple))):
-        return kwargs
-    names = [spec] if isinstance(spec, str) else list(spec)
-    takes_hidden = any("hidden_dims" in transforms.family(n).keywords for n in names)
-    if takes_hidden:
-        kwargs["hidden_dims"] = (
-            list(hidden_dims) if hidden_dims is not None else default_hidden_dims(dim)
-        )
-    elif hidden_dims is not None:
-        raise ValueError(f"flow {spec!r} has no hidden layers; hidden_dims does not apply")
-    return kwargs
+# Guides pickled before scoring.py existed hold a FlowInverter under this name.
+_FlowInverter = FlowInverter

@@ -8,7 +8,6 @@ The "sticking the landing" gradient of the plain ELBO needs no objective of its 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 from pyro.infer import ELBO
@@ -16,8 +15,9 @@ from pyro.infer.enum import get_importance_trace
 from pyro.util import warn_if_nan
 
 from .draws import sum_per_draw
+from .scoring import scoring
 
-__all__ = ["ImportanceWeightedELBO", "check_stopped_scoring", "stopped_scoring"]
+__all__ = ["ImportanceWeightedELBO"]
 
 
 class ImportanceWeightedELBO(ELBO):
@@ -115,7 +115,7 @@ class ImportanceWeightedELBO(ELBO):
             loss = self.differentiable_loss(model, guide, *args, **kwargs)
             loss.backward(retain_graph=self.retain_graph)
             return loss.item()
-        with stopped_scoring(guide):
+        with scoring(guide, stopped=True):
             log_w, guide_trace = self._log_weights(model, guide, args, kwargs)
         loss = -_log_mean_exp(log_w.detach())
         weights = torch.softmax(log_w.detach(), dim=0)
@@ -128,45 +128,6 @@ class ImportanceWeightedELBO(ELBO):
         if surrogate.requires_grad:
             surrogate.backward(retain_graph=self.retain_graph)
         return loss.item()
-
-
-@contextmanager
-def stopped_scoring(guide):
-    """Within this context the guide scores its draws with its parameters stopped (STL).
-
-    Example:
-        >>> import pyro.distributions as dist
-        >>> from pyroflows import AutoFlowGuide
-        >>> guide = AutoFlowGuide(lambda: pyro.sample("x", dist.Normal(0.0, 1.0)), flow="nice")
-        >>> with stopped_scoring(guide):
-        ...     guide.stl
-        True
-        >>> guide.stl
-        False
-    """
-    check_stopped_scoring(guide)
-    before = guide.stl
-    guide.stl = True
-    try:
-        yield guide
-    finally:
-        guide.stl = before
-
-
-def check_stopped_scoring(guide) -> None:
-    """Raise a clear error unless ``guide`` can score its draws with stopped parameters."""
-    if not hasattr(guide, "stl") or not hasattr(guide, "latent_site_name"):
-        raise TypeError(
-            f"{type(guide).__name__} cannot score its draws with stopped parameters; "
-            "path-derivative objectives (loss='stl' or 'dreg') need an AutoFlowGuide"
-        )
-    flow = getattr(guide, "flow", None)
-    if flow is not None and not guide.flow_is_invertible:
-        raise ValueError(
-            f"{type(flow).__name__} has no analytic inverse, so the guide cannot score its "
-            "draws with stopped parameters (loss='stl' or 'dreg'); use a coupling or "
-            "autoregressive flow, or loss='elbo' / 'iwae'"
-        )
 
 
 def _samples(trace):

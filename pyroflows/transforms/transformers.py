@@ -61,11 +61,9 @@ class Affine(Transformer):
 
     The bounded log-scale (RealNVP, Dinh et al. 2017, arXiv:1605.08803) keeps a single layer
     from blowing up or collapsing a dimension early in training, and unlike a hard clamp its
-    gradient never vanishes. The autoregressive flows (iaf, maf) use bound 6, measured in
-    AutoFlowGuide: against bound 3, Neal's funnel's KL fell from 0.45 to 0.37 and centred eight
-    schools' max |Δmean|/sd from 0.37 / 0.47 to 0.28 / 0.37 (seeds 0 / 2); a funnel's neck needs
-    log-scales beyond 3. Coupling flows (realnvp, glow) keep bound 3: with 6, four RealNVP
-    blocks in the guide diverged on eight schools within 100 steps on every seed tried.
+    gradient never vanishes. The autoregressive flows (iaf, maf) use bound 6 (a funnel's neck
+    needs log-scales beyond 3); coupling flows (realnvp, glow) keep 3, with which they do not
+    diverge early (``benchmarks/RESULTS.md``, "Design measurements").
     """
 
     num_params = 2

@@ -1,0 +1,68 @@
+"""The one place that reaches into Pyro's private state, where Pyro offers no public seam.
+
+Pyro's param store is global: a second guide with the same parameter names would silently
+pick up the first one's values. ``AutoFlowGuide`` therefore takes a name no live guide and no
+stored parameter uses, and checks once that the store holds its own tensors. Data-parallel
+``fit`` sets a guide up on a scaled model, which means swapping the model an autoguide holds.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+
+import pyro
+from torch import Tensor
+
+__all__ = ["check_param_store", "guide_model_wrapped", "reserve_param_name", "unique_param_name"]
+
+_LIVE_NAMES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def unique_param_name(base: str, owner: object) -> str:
+    """``base``, or ``base_2``, ``base_3``, ...: the first name that no live guide and no
+    parameter in Pyro's param store uses; it is reserved for ``owner`` while it lives."""
+    store = pyro.get_param_store()
+
+    def taken(name: str) -> bool:
+        prefixes = (name + ".", name + "$$$")
+        return name in _LIVE_NAMES or any(k.startswith(prefixes) for k in store.keys())
+
+    name, i = base, 2
+    while taken(name):
+        name, i = f"{base}_{i}", i + 1
+    _LIVE_NAMES[name] = owner
+    return name
+
+
+def reserve_param_name(name: str, owner: object) -> None:
+    """Record a name chosen by the user as used by ``owner``."""
+    _LIVE_NAMES[name] = owner
+
+
+def check_param_store(named: list[tuple[str, Tensor]], prefix: str) -> None:
+    """Raise if Pyro's store holds another tensor under one of these full names."""
+    held_params = pyro.get_param_store()._params  # the raw tensors: no public accessor
+    for fullname, param in named:
+        held = held_params.get(fullname)
+        if held is not None and held is not param:
+            raise RuntimeError(
+                f"Pyro's param store holds another tensor under {fullname!r}: two guides "
+                f"share the name {prefix!r}. Give this guide another name= or "
+                "call pyro.clear_param_store() before creating it."
+            )
+
+
+@contextmanager
+def guide_model_wrapped(guide, wrapper):
+    """Within: an autoguide sees ``wrapper(model)`` in place of its model (Pyro keeps the
+    model as a private 1-tuple, so that module registration skips it)."""
+    held = getattr(guide, "_model", None)
+    if not (isinstance(held, tuple) and len(held) == 1):
+        yield guide
+        return
+    guide._model = (wrapper(held[0]),)
+    try:
+        yield guide
+    finally:
+        guide._model = held

@@ -1,0 +1,63 @@
+"""The flow an ``AutoFlowGuide`` builds: its defaults and how a spec becomes a module.
+
+The defaults were chosen by measurement (``benchmarks/RESULTS.md``): two IAF blocks
+(``DEFAULT_FLOW``, ``DEFAULT_NUM_LAYERS``), conditioner width ``2 d`` clipped to ``[32, 128]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from . import transforms
+
+__all__ = ["DEFAULT_FLOW", "DEFAULT_NUM_LAYERS", "build_guide_flow", "default_hidden_dims"]
+
+DEFAULT_FLOW = "iaf"
+DEFAULT_NUM_LAYERS = 2  # blocks of the default flow
+
+
+def validate_flow_spec(flow) -> None:
+    """Unknown names fail at construction, not at the first SVI step."""
+    names = [flow] if isinstance(flow, str) else flow
+    if isinstance(names, (list, tuple)):
+        for name in names:
+            transforms.family(name)
+
+
+def default_hidden_dims(latent_dim: int) -> list[int]:
+    """The conditioner width policy: ``2 * latent_dim`` clipped to ``[32, 128]``, two layers.
+
+    Wide enough for small models, and bounded so that the cost per step grows linearly with
+    the latent dimension, not quadratically: at d = 1000 the step is dominated by the
+    optimizer's pass over the conditioners' O(d * width) weights (``benchmarks/RESULTS.md``).
+
+    Example:
+        >>> default_hidden_dims(3), default_hidden_dims(50), default_hidden_dims(1000)
+        ([32, 32], [100, 100], [128, 128])
+    """
+    width = min(max(2 * latent_dim, 32), 128)
+    return [width, width]
+
+
+def build_guide_flow(
+    spec, dim: int, num_layers: int | None, hidden_dims: Sequence[int] | None, flow_kwargs: dict
+) -> nn.Module:
+    """``transforms.build`` with the guide's defaults: the default flow's depth and the
+    width policy for every family that has hidden layers."""
+    if num_layers is None and isinstance(spec, str) and spec == DEFAULT_FLOW:
+        num_layers = DEFAULT_NUM_LAYERS
+    kwargs = dict(flow_kwargs)
+    is_built = isinstance(spec, nn.Module) or (
+        callable(spec) and not isinstance(spec, (str, list, tuple))
+    )
+    if not is_built:
+        names = [spec] if isinstance(spec, str) else list(spec)
+        if any("hidden_dims" in transforms.family(n).keywords for n in names):
+            kwargs["hidden_dims"] = (
+                list(hidden_dims) if hidden_dims is not None else default_hidden_dims(dim)
+            )
+        elif hidden_dims is not None:
+            raise ValueError(f"flow {spec!r} has no hidden layers; hidden_dims does not apply")
+    return transforms.build(spec, dim, num_layers=num_layers, **kwargs)

@@ -1,0 +1,181 @@
+"""Checks of a model's sites, the latent layout, and a start that needs no sampling.
+
+``AutoFlowGuide`` maps every continuous latent site to one unconstrained vector with
+``biject_to``. That is sound only for sites it can guide: continuous, in plates of fixed
+size, with a support that does not move with other latents. These checks refuse the rest at
+setup, naming the site and the fix, rather than fitting them silently wrong.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro import poutine
+from pyro.infer.autoguide.initialization import init_to_median as pyro_init_to_median
+from torch import Tensor
+from torch.distributions import biject_to, constraints
+
+__all__ = [
+    "Layout",
+    "check_dependent_supports",
+    "check_latent_site",
+    "check_layout",
+    "describe_layout",
+    "enumerated",
+    "init_to_median",
+    "split_latent",
+    "unconstrained_energy",
+    "unpack_with_log_det",
+]
+
+Layout = list[tuple[str, tuple[int, ...]]]  # (site name, unconstrained shape) in latent order
+
+
+def init_to_unconstrained_zero(site):
+    """A feasible point without sampling: the constrained image of 0 (flat priors too)."""
+    fn = site["fn"]
+    transform = biject_to(fn.support)
+    shape = transform.inverse_shape(fn.shape())
+    zero = torch.zeros(shape, dtype=torch.get_default_dtype())
+    return transform(zero).detach()
+
+
+def init_to_median(site=None, num_samples: int = 15):
+    """Pyro's ``init_to_median``, falling back to a point needing no sampling.
+
+    Pyro's own fallback samples from the prior, which fails for ``ImproperUniform`` flat
+    priors; this one uses the constrained image of zero.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> from torch.distributions import constraints
+        >>> flat = dist.ImproperUniform(constraints.positive, (), (2,))
+        >>> site = {"fn": flat, "is_observed": False, "type": "sample", "value": None,
+        ...         "name": "s", "infer": {}}
+        >>> init_to_median(site)
+        tensor([1., 1.])
+    """
+    if site is None:
+        return lambda site: init_to_median(site, num_samples)
+    try:
+        return pyro_init_to_median(site, num_samples, fallback=init_to_unconstrained_zero)
+    except NotImplementedError:  # Pyro's multivariate path samples even where it cannot
+        return init_to_unconstrained_zero(site)
+
+
+def enumerated(msg) -> bool:
+    """Whether a site is a discrete site marginalised by enumeration (not guided)."""
+    return msg["type"] == "sample" and msg["infer"].get("enumerate") in ("parallel", "sequential")
+
+
+def check_latent_site(name: str, site) -> None:
+    """Refuse a latent site a single flow cannot guide: discrete, or in a subsampled plate."""
+    fn = site["fn"]
+    if fn.support.is_discrete:
+        raise ValueError(
+            f"AutoFlowGuide: latent site {name!r} is discrete ({fn.support}); flows need "
+            "continuous latents. Enumerate it (infer={'enumerate': 'parallel'} with "
+            "TraceEnum_ELBO) so that it is marginalised, or give it its own guide."
+        )
+    for frame in site["cond_indep_stack"]:
+        if frame.vectorized and frame.full_size is not None and frame.full_size != frame.size:
+            raise ValueError(
+                f"AutoFlowGuide: latent site {name!r} is in the subsampled plate "
+                f"{frame.name!r} (size {frame.full_size}, subsample {frame.size}). One flow "
+                "over all latents cannot be indexed by a minibatch. Give local latents "
+                "their own guide: guide = AutoGuideList(model); guide.append(AutoFlowGuide("
+                f"poutine.block(model, hide=[{name!r}]))); guide.append(AutoNormal("
+                f"poutine.block(model, expose=[{name!r}])))."
+            )
+
+
+def check_dependent_supports(model, prototype_trace, args, kwargs) -> None:
+    """Re-run the model at a perturbed point; a site whose support moved depends on others.
+
+    ``b ~ Uniform(0, 1 - a)`` cannot be guided by a fixed ``biject_to`` per site (Pyro's
+    autoguides silently draw outside the support), so it is refused naming the site.
+    """
+    generator = torch.Generator().manual_seed(0)
+    moved = {}
+    for name, site in prototype_trace.iter_stochastic_nodes():
+        transform = biject_to(site["fn"].support)
+        u = transform.inv(site["value"].detach())
+        noise = torch.randn(u.shape, generator=generator, dtype=u.dtype).to(u.device)
+        moved[name] = transform(u + 0.5 * noise)
+    try:
+        conditioned = poutine.condition(model, data=moved)
+        trace = poutine.block(poutine.trace(conditioned).get_trace)(*args, **kwargs)
+    except Exception:  # the model may reject the perturbed point; then we cannot tell
+        return
+    for name, site in prototype_trace.iter_stochastic_nodes():
+        before = _support_key(site["fn"].support)
+        after = _support_key(trace.nodes[name]["fn"].support)
+        same = len(before) == len(after) and all(
+            a.shape == b.shape and torch.equal(a, b) for a, b in zip(before, after, strict=True)
+        )
+        if not same:
+            raise ValueError(
+                f"AutoFlowGuide: the support of latent site {name!r} ({site['fn'].support}) "
+                "depends on other latent variables, so no fixed transform maps the flow "
+                "into it. Reparametrise, e.g. b = (1 - a) * u with u ~ Uniform(0, 1) (add "
+                "pyro.factor(..., log(1 - a)) if the density of b must be kept)."
+            )
+
+
+def _support_key(support) -> tuple:
+    """The tensors that define a constraint (e.g. an interval's bounds), for comparison."""
+    parts = []
+    for value in vars(support).values():
+        if isinstance(value, Tensor):
+            parts.append(value.detach())
+        elif isinstance(value, constraints.Constraint):
+            parts.extend(_support_key(value))
+    return tuple(parts)
+
+
+def check_layout(expected: Layout, actual: Layout) -> None:
+    """A saved state's latent layout must be the model's."""
+    if list(expected) != list(actual):
+        raise ValueError(
+            "the state dict belongs to a model with other latent sites: it has "
+            f"{describe_layout(expected)}, this model has {describe_layout(actual)}"
+        )
+
+
+def describe_layout(layout: Layout) -> str:
+    """``"mu[], theta[8]"``: the sites and unconstrained shapes of a layout."""
+    return ", ".join(f"{name}{list(shape)}" for name, shape in layout)
+
+
+def split_latent(prototype_trace, unconstrained_shapes: dict, latent: Tensor):
+    """``(name, biject_to transform, unconstrained piece (*batch, *shape))`` per latent site
+    of one unconstrained vector (or a batch of them), in the trace's order."""
+    batch, pos = latent.shape[:-1], 0
+    for name, site in prototype_trace.iter_stochastic_nodes():
+        shape = unconstrained_shapes[name]
+        size = math.prod(shape)
+        piece = latent[..., pos : pos + size].reshape(batch + tuple(shape))
+        yield name, biject_to(site["fn"].support), piece
+        pos += size
+
+
+def unpack_with_log_det(prototype_trace, unconstrained_shapes: dict, u: Tensor):
+    """One unconstrained vector -> ``{site: constrained value}`` and ``log|dz/du|``."""
+    values, log_det = {}, 0.0
+    for name, transform, piece in split_latent(prototype_trace, unconstrained_shapes, u):
+        values[name] = transform(piece)
+        log_det = log_det + transform.log_abs_det_jacobian(piece, values[name]).sum()
+    return values, log_det
+
+
+def unconstrained_energy(model, prototype_trace, unconstrained_shapes: dict, args, kwargs):
+    """``u -> -log p(x, z(u)) - log|dz/du|``: the model's energy over one unconstrained vector."""
+
+    def energy(u):
+        values, log_det = unpack_with_log_det(prototype_trace, unconstrained_shapes, u)
+        conditioned = poutine.condition(model, data=values)
+        trace = poutine.block(poutine.trace(conditioned).get_trace)(*args, **kwargs)
+        return -(trace.log_prob_sum() + log_det)
+
+    return energy
