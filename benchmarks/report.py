@@ -171,6 +171,9 @@ def render() -> None:
             ln.replace("# ", "### ", 1) if ln.startswith("#") else ln
             for ln in cost.read_text().splitlines()[1:]
         ]
+    design = RESULTS / "design.md"
+    if design.exists():  # hand-kept: the figures behind the defaults, cited by docstrings
+        lines += ["", *design.read_text().splitlines()]
     lines += [
         "",
         "![max |Δmean|/sd](results/accuracy.png)",
