@@ -4,6 +4,7 @@
     python -m benchmarks --steps 2000 --seeds 0 1 2 --workers 2
     python -m benchmarks --report             # only re-render RESULTS.md from results/
     python -m benchmarks --family             # every registered flow on a few posteriors
+    python -m benchmarks --protocol svi --steps 5000   # plain SVI (the earlier study's loop)
     python -m benchmarks.cost --scaling       # ms/step and the d = 10 ... 10,000 sweep
 
 Accuracy rows are appended to ``results/accuracy.jsonl`` (one fresh process per run, see
@@ -17,14 +18,14 @@ import argparse
 import json
 from pathlib import Path
 
-from .accuracy import VARIANTS, guide_factories, run_all
-from .posteriors import POSTERIORS
+from .accuracy import PROTOCOLS, VARIANTS, guide_factories, run_all
+from .posteriors import POSTERIORS, require_posteriordb
 
 RESULTS = Path(__file__).parent / "results"
 FAMILY_POSTERIORS = ["funnel_d10", "eight_schools_centered", "garch11", "U3"]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--posteriors", nargs="*", default=None)
     parser.add_argument("--guides", nargs="*", default=None)
@@ -33,7 +34,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--family", action="store_true")
     parser.add_argument("--report", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="fit")
+    args = parser.parse_args(argv)
     if not args.report:
         if args.family:
             from .accuracy import family_factories
@@ -43,14 +45,25 @@ def main() -> None:
         else:
             guides = args.guides or [*guide_factories(10), *VARIANTS]
             posteriors = args.posteriors or list(POSTERIORS)
+        require_posteriordb(posteriors)
         jobs = [
-            {"posterior": p, "guide": g, "seed": s, "steps": args.steps, "family": args.family}
+            {
+                "posterior": p,
+                "guide": g,
+                "seed": s,
+                "steps": args.steps,
+                "family": args.family,
+                "protocol": args.protocol,
+            }
             for p in posteriors
             for g in guides
             for s in args.seeds
         ]
         RESULTS.mkdir(parents=True, exist_ok=True)
-        out = RESULTS / ("family.jsonl" if args.family else "accuracy.jsonl")
+        name = "family" if args.family else "accuracy"
+        if args.protocol != "fit":  # kept apart: RESULTS.md compares guides under fit's protocol
+            name += f"_{args.protocol}"
+        out = RESULTS / f"{name}.jsonl"
         print(f"{len(jobs)} runs, {args.workers} at a time; appending to {out}", flush=True)
 
         def on_result(row):

@@ -8,7 +8,9 @@ per parameter |Δmean|/sd_ref and |log(sd/sd_ref)| (max and median), marginal W1
 (max) against the reference draws, the ELBO (mean log weight over the draws), KL(q||p) =
 log Z - ELBO where log Z is known (funnel, the 2-D energies), the PSIS k-hat, the median ms
 per step, the steps to convergence, and the peak resident memory of the run's process.
-Each run is a fresh process, so that memory is per run.
+Each run is a fresh process, so that memory is per run. ``protocol="svi"`` (``--protocol
+svi``) fits by plain SVI instead (``plain_svi``), the loop of the earlier study whose tables
+are ``results/guides_*.md``.
 """
 
 from __future__ import annotations
@@ -100,6 +102,21 @@ VARIANTS = {
 }
 
 
+def plain_svi(steps: int) -> dict:
+    """The earlier study's loop (behind AutoFlowGuide's first defaults): ClippedAdam at lr
+    1e-2 decaying to 1e-3 over a fixed number of steps, no warm-up, no early stopping."""
+    return {
+        "optim": pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / steps)}),
+        "schedule": "constant",
+        "warmup": 0,
+        "stop_early": False,
+    }
+
+
+# How a guide is fitted: ``fit``'s defaults (the protocol of RESULTS.md), or plain SVI.
+PROTOCOLS = {"fit": lambda steps: {}, "svi": plain_svi}
+
+
 def family_factories() -> dict:
     """Each registered flow through AutoFlowGuide, with its family defaults."""
     from pyroflows import AutoFlowGuide, transforms
@@ -148,6 +165,9 @@ def run_one(job: dict) -> dict:
 
     row = {k: job[k] for k in ("posterior", "guide", "seed")}
     base, fit_kwargs, resample = VARIANTS.get(job["guide"], (job["guide"], {}, False))
+    protocol = job.get("protocol", "fit")
+    fit_kwargs = {**PROTOCOLS[protocol](job["steps"]), **fit_kwargs}
+    row["protocol"] = protocol
     try:
         posterior = POSTERIORS[job["posterior"]]()
         dim = _latent_dim(posterior)

@@ -401,6 +401,21 @@ def exact_draws(posterior: Posterior, num: int, seed: int = 0) -> dict:
     return {"v": v, "x": x}
 
 
+ANALYTIC = ("funnel_d10", "U1", "U2", "U3", "U4")  # references computed here, no posteriordb
+
+
+def require_posteriordb(names) -> None:
+    """Stop at once, saying where the references come from, if a posterior needs them."""
+    missing = [n for n in names if n not in ANALYTIC and n != "logistic_regression"]
+    if missing and not POSTERIORDB.exists():
+        raise SystemExit(
+            f"benchmarks: {', '.join(missing)} need the posteriordb reference posteriors, "
+            f"looked for in {POSTERIORDB} (folders of data.json, reference_summary.json and "
+            "reference_draws_2000.json from stan-dev/posteriordb). Set PYROFLOWS_POSTERIORDB "
+            f"to their folder, or run only --posteriors {' '.join(ANALYTIC)} logistic_regression."
+        )
+
+
 POSTERIORS = {
     "eight_schools_noncentered": eight_schools_noncentered,
     "eight_schools_centered": eight_schools_centered,

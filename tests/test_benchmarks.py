@@ -5,14 +5,14 @@ import pyro
 import pytest
 import torch
 
-from benchmarks.posteriors import POSTERIORDB, POSTERIORS
+from benchmarks.posteriors import ANALYTIC, POSTERIORDB, POSTERIORS
 from pyroflows import AutoFlowGuide
 from pyroflows.draws import draw
 
 
 @pytest.mark.parametrize("name", list(POSTERIORS))
 def test_port_draws_vectorised_and_names_every_reference_parameter(name, recwarn):
-    if not POSTERIORDB.exists() and name not in ("funnel_d10", "U1", "U2", "U3", "U4"):
+    if not POSTERIORDB.exists() and name not in (*ANALYTIC, "logistic_regression"):
         pytest.skip(f"no posteriordb at {POSTERIORDB}")
     pyro.clear_param_store()
     posterior = POSTERIORS[name]()
@@ -72,3 +72,28 @@ def test_targets_call_a_difference_within_the_seed_spread_a_tie():
         rows("AutoFlowGuide", [0.10, 0.11]) + rows("AutoMultivariateNormal", [0.30, 0.31])
     )
     assert "better" in "\n".join(targets(agg, ["arK"]))
+
+
+def test_plain_svi_protocol_runs_a_fixed_number_of_steps():
+    from benchmarks.accuracy import run_one
+
+    threads = torch.get_num_threads()
+    try:
+        row = run_one(
+            {"posterior": "U2", "guide": "AutoNormal", "seed": 0, "steps": 25, "protocol": "svi"}
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert "error" not in row, row.get("trace")
+    assert row["protocol"] == "svi" and row["steps"] == 25 and not row["converged"]
+
+
+def test_without_posteriordb_the_runner_stops_before_writing_anything(tmp_path, monkeypatch):
+    import benchmarks.__main__ as runner
+    import benchmarks.posteriors as posteriors
+
+    monkeypatch.setattr(posteriors, "POSTERIORDB", tmp_path / "nowhere")
+    monkeypatch.setattr(runner, "RESULTS", tmp_path / "results")
+    with pytest.raises(SystemExit, match="PYROFLOWS_POSTERIORDB"):
+        runner.main(["--posteriors", "diamonds", "--guides", "AutoNormal"])
+    assert not (tmp_path / "results").exists()
