@@ -31,7 +31,7 @@ class Schedule:
 
     Example:
         >>> schedule = Schedule("constant", lr=0.1, num_steps=100, warmup=10, window=10)
-        >>> schedule.lr_at(1), schedule.lr_at(50)
+        >>> round(schedule.lr_at(1), 6), schedule.lr_at(50)
         (0.01, 0.1)
         >>> stops = [schedule.record(1.0) for _ in range(40)]  # a flat loss: a plateau
         >>> stops.index(True) + 1, schedule.converged
