@@ -8,6 +8,7 @@ stored parameter uses, and checks once that the store holds its own tensors. Dat
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from contextlib import contextmanager
 
@@ -31,6 +32,15 @@ def unique_param_name(base: str, owner: object) -> str:
     name, i = base, 2
     while taken(name):
         name, i = f"{base}_{i}", i + 1
+    if name != base and base not in _LIVE_NAMES:
+        warnings.warn(
+            f"Pyro's param store holds parameters named {base!r}.* that no live guide owns "
+            "(loaded with pyro.get_param_store().load, or left by a guide no longer in use). "
+            f"This guide takes the name {name!r} and starts untrained: the param store does "
+            "not restore an AutoFlowGuide. Restore one with torch.load or "
+            "guide.load_state_dict; call pyro.clear_param_store() to reuse the name.",
+            stacklevel=3,
+        )
     _LIVE_NAMES[name] = owner
     return name
 

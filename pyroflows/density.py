@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.distributions.transforms import AffineTransform, ComposeTransform
 
 from . import transforms
-from .progress import FitError, Progress
+from .progress import FitError, Progress, check_setting
 
 __all__ = ["DensityFit", "Flow"]
 
@@ -212,15 +212,13 @@ class Flow(nn.Module):
             FitError: a non-finite loss or gradient; the parameters stay those of the last
                 finite step.
         """
+        self._check_settings(lr=lr, num_steps=num_steps, batch_size=batch_size)
         self._check_data(data, "data")
         self._check_context(context, rows=data.shape[0])
         if seed is not None:
             torch.manual_seed(seed)
         if standardize and not self.standardized:
-            scale = data.std(0) if data.shape[0] > 1 else torch.ones_like(data[0])
-            self.data_loc.copy_(data.mean(0))
-            self.data_scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))
-            self.standardized.fill_(True)
+            self._standardize(data)
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         warmup = max(1, num_steps // 20)
@@ -272,6 +270,20 @@ class Flow(nn.Module):
             with torch.no_grad():
                 validation_loss = -self.log_prob(held, held_context).mean().item()
         return DensityFit(losses, num_steps, time.perf_counter() - start, validation_loss)
+
+    @staticmethod
+    def _check_settings(lr, num_steps, batch_size) -> None:
+        check_setting("Flow.fit", "lr", lr)
+        check_setting("Flow.fit", "num_steps", num_steps, integer=True)
+        if batch_size is not None:
+            check_setting("Flow.fit", "batch_size", batch_size, integer=True)
+
+    @torch.no_grad()
+    def _standardize(self, data: Tensor) -> None:
+        scale = data.std(0) if data.shape[0] > 1 else torch.ones_like(data[0])
+        self.data_loc.copy_(data.mean(0))
+        self.data_scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        self.standardized.fill_(True)
 
     def _check_data(self, x: Tensor, what: str) -> None:
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:

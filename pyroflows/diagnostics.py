@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from .draws import Draws, draw, evaluate_at
+from .neutra import neutra  # noqa: F401  (pyroflows.diagnostics.neutra, its former home)
 from .psis import PSISResult, khat_threshold, psis
 
 __all__ = [
@@ -140,6 +141,12 @@ def importance_resample(
     can_adapt = all(s.in_guide for s in draws.sites.values() if s.kind == "latent")
     if adapt and can_adapt and not result.ok:
         draws, result, accepted = _moment_match(model, args, kwargs, draws, result, max_adaptations)
+    if not result.ok:
+        warnings.warn(
+            f"importance_resample: {result.summary()} The {num_draws or num_samples} resampled "
+            f"draws repeat about {result.ess:.0f} distinct proposals.",
+            stacklevel=2,
+        )
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     probs = result.log_weights.exp()
     count = num_draws or num_samples

@@ -9,6 +9,8 @@ ending the run as converged after the last reduction), with the display of
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import time
 import warnings
@@ -24,7 +26,7 @@ from pyro.optim import PyroOptim
 from . import distributed as dist_
 from .diagnostics import psis_diagnostic
 from .objectives import ImportanceWeightedELBO
-from .progress import FitError, Progress
+from .progress import FitError, Progress, check_setting
 from .schedule import Schedule
 from .scoring import check_stopped_scoring, scoring
 from .step import GuardedStep
@@ -185,11 +187,9 @@ def fit(
         >>> result.num_steps <= 300, abs(result.guide.median()["mu"] - y.mean()) < 0.3
         (True, tensor(True))
     """
-    kwargs = _model_kwargs(kwargs, model_kwargs)
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be positive, got {num_steps}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+    kwargs = _model_kwargs(model, kwargs, model_kwargs)
+    check_setting("fit", "num_steps", num_steps, integer=True)
+    check_setting("fit", "lr", lr)
     window = window or min(max(num_steps // 40, 100), 250)
     schedule = Schedule(
         schedule,
@@ -250,14 +250,38 @@ def fit(
     return result
 
 
-def _model_kwargs(kwargs: dict, model_kwargs: dict | None) -> dict:
-    """The model's keywords: those ``fit`` does not take, and ``model_kwargs``."""
+def _model_kwargs(model, kwargs: dict, model_kwargs: dict | None) -> dict:
+    """The model's keywords: those ``fit`` does not take, and ``model_kwargs``. A keyword
+    that is neither ``fit``'s nor the model's is refused here, where a misspelling of one of
+    ``fit``'s (``num_step=``) would otherwise reach the model or be lost."""
+    unknown = [k for k in kwargs if not _takes_keyword(model, k)]
+    if unknown:
+        known = [*inspect.signature(fit).parameters, *_keywords(model)]
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"fit: keyword {unknown[0]!r} is neither fit's nor the model's{hint}")
     if not model_kwargs:
         return kwargs
     clash = set(model_kwargs) & set(kwargs)
     if clash:
         raise TypeError(f"model keywords given twice: {sorted(clash)}")
     return {**kwargs, **model_kwargs}
+
+
+def _keywords(model) -> list[str]:
+    try:
+        params = inspect.signature(model).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): accept every keyword
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _takes_keyword(model, name: str) -> bool:
+    try:
+        params = inspect.signature(model).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return name in _keywords(model) or any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _objective(loss, num_particles, guide):

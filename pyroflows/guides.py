@@ -39,9 +39,12 @@ from .architecture import build_guide_flow, validate_flow_spec
 from .laplace import LaplaceStart, laplace_start
 from .scoring import FlowInverter, StoppedScore
 from .sites import (
+    architecture_difference,
+    arguments_signature,
     check_dependent_supports,
     check_latent_site,
     check_layout,
+    check_plate_sizes,
     enumerated,
     init_to_median,
     split_latent,
@@ -160,10 +163,19 @@ class AutoFlowGuide(AutoContinuous):
         return prototype_hide_fn(msg) or enumerated(msg)
 
     def _setup_prototype(self, *args, **kwargs):
-        # Setup draws from the prior (init_to_median); fork the RNG so that it leaves the
-        # user's random stream as it was: a loaded guide then draws what the saved one drew.
-        with torch.random.fork_rng(devices=[]):
-            self._trace_prototype(*args, **kwargs)
+        # Atomic: a setup that fails or is interrupted leaves the guide as it found it, so
+        # that the error is the whole story (not a later "no attribute 'flow'").
+        before = {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
+        try:
+            # Setup draws from the prior (init_to_median); fork the RNG so that it leaves the
+            # user's random stream as it was: a loaded guide then draws what the saved one drew.
+            with torch.random.fork_rng(devices=[]):
+                self._trace_prototype(*args, **kwargs)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+        self._seen_arguments = {arguments_signature(args, kwargs)}
 
     def _trace_prototype(self, *args, **kwargs):
         AutoGuide._setup_prototype(self, *args, **kwargs)
@@ -330,9 +342,20 @@ class AutoFlowGuide(AutoContinuous):
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        elif not torch.jit.is_tracing():
+            self._check_plate_sizes(args, kwargs)
         if not self._store_checked:
             self._check_param_store()
         return super().forward(*args, **kwargs)
+
+    def _check_plate_sizes(self, args, kwargs):
+        """New arguments (by shape and value) must not change the size of a latent's plate:
+        the guide's parameters were made for the sizes it was set up with."""
+        signature = arguments_signature(args, kwargs)
+        seen = self.__dict__.setdefault("_seen_arguments", set())
+        if signature not in seen:
+            check_plate_sizes(self.model, self.prototype_trace, args, kwargs)
+            seen.add(signature)
 
     def _check_param_store(self):
         """Our parameters must be the tensors Pyro's store holds under our names."""
@@ -392,12 +415,26 @@ class AutoFlowGuide(AutoContinuous):
             )
 
     # ------------------------------------------------------------------ save and load
+    @property
+    def architecture(self) -> dict:
+        """The settings that give this guide's parameters their meaning (saved in the state
+        dict; a state from another architecture is refused naming what differs)."""
+        spec = self._flow_spec
+        return {
+            "flow": spec if isinstance(spec, (str, list, tuple)) else type(spec).__name__,
+            "num_layers": self._num_layers,
+            "hidden_dims": None if self._hidden_dims is None else list(self._hidden_dims),
+            **self._flow_kwargs,
+        }
+
     def get_extra_state(self):
         return {
             "layout": self._layout,
             "base": self._base,
             "full_rank": getattr(self, "full_rank", None),
             "preconditioned": getattr(self, "preconditioned", False),
+            "architecture": self.architecture,
+            "flow": repr(self.flow) if hasattr(self, "flow") else None,
         }
 
     def set_extra_state(self, state):
@@ -430,6 +467,14 @@ class AutoFlowGuide(AutoContinuous):
                 f"the state dict is from a guide with a {kinds[0]} affine, this one is "
                 f"{kinds[1]}; pass affine='{kinds[0]}' to match"
             )
+        if state.get("flow") is not None and state["flow"] != repr(self.flow):
+            raise ValueError(
+                "the state dict is from a guide with another flow: "
+                + architecture_difference(state.get("architecture", {}), self.architecture)
+            )
+        # The buffers (center, precond) are loaded either way; whether they are used is the
+        # saved guide's choice, not this one's start.
+        self.preconditioned = bool(state.get("preconditioned"))
 
 
 # Guides pickled before scoring.py existed hold a FlowInverter under this name.

@@ -25,16 +25,21 @@ Example:
 
 from __future__ import annotations
 
+import math
+import os
+import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyro
 import torch
 from torch import Tensor
 
 from .psis import psis
 
-__all__ = ["LaplaceStart", "laplace_fits", "laplace_start", "newton_step"]
+__all__ = ["LaplaceStart", "describe_error", "laplace_fits", "laplace_start", "newton_step"]
 
 LAPLACE_LIMIT = 200  # the Hessian costs D backward passes: no Laplace start above this
 NEWTON_STEPS = 5  # after L-BFGS, to reach the mode on badly conditioned posteriors
@@ -59,16 +64,20 @@ class LaplaceStart:
 def laplace_start(energy: Energy, init: Tensor) -> LaplaceStart:
     """The Laplace approximation of ``exp(-energy)`` near ``init``, if it is a sound start.
 
-    The result has the dtype of ``init``; the search itself runs in float64, because the
-    curvature of a badly conditioned posterior (condition numbers of 1e10 and more) is lost
-    in float32 rounding.
+    The result has the dtype of ``init``. The search runs in float64, because the curvature
+    of a badly conditioned posterior (condition numbers of 1e10 and more) is lost in float32
+    rounding, unless the model cannot take float64 values (``X @ beta`` with float32 ``X``
+    does not promote): then it runs in ``init``'s dtype. A rejection's ``reason`` names the
+    error and the line of the model that raised it.
     """
     if len(init) > LAPLACE_LIMIT:
         return LaplaceStart(reason=f"{len(init)} latent dimensions (the limit is {LAPLACE_LIMIT})")
     try:
         with torch.enable_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a search towards no mode warns of NaN
-            mode = _minimise(energy, init.detach().double().requires_grad_(True))
+            # A copy: in float64, .double() would be init itself, and L-BFGS writes in place.
+            start = init.detach().to(_search_dtype(energy, init), copy=True)
+            mode = _minimise(energy, start.requires_grad_(True))
             # L-BFGS stalls on badly conditioned posteriors (e.g. a regression on an
             # uncentred covariate); Newton steps are affine invariant and finish the job.
             for _ in range(NEWTON_STEPS):
@@ -85,12 +94,39 @@ def laplace_start(energy: Energy, init: Tensor) -> LaplaceStart:
     # not PD, no density, or (IndexError) torch's strong-Wolfe search indexing past its
     # bracket on a NaN energy
     except (RuntimeError, ValueError, NotImplementedError, IndexError) as error:
-        return LaplaceStart(reason=f"the search failed: {type(error).__name__}: {error}")
+        return LaplaceStart(reason=f"the search failed: {describe_error(error)}")
     if not torch.isfinite(precond).all():
         return LaplaceStart(reason="the Hessian at the mode is singular")
     if not laplace_fits(energy, mode, precond):
         return LaplaceStart(reason="the Laplace approximation is a poor proposal (PSIS k-hat)")
     return LaplaceStart(mode.to(init.dtype), precond.to(init.dtype))
+
+
+def _search_dtype(energy: Energy, init: Tensor) -> torch.dtype:
+    """float64 where the model takes it, else the start's own dtype."""
+    if init.dtype == torch.float64:
+        return torch.float64
+    try:
+        with torch.no_grad():
+            energy(init.detach().double())
+    except (RuntimeError, TypeError):  # a dtype clash in the model; any other fault recurs
+        return init.dtype
+    return torch.float64
+
+
+def describe_error(error: BaseException) -> str:
+    """``"Type: first line (at file:line)"``, the line being the innermost one outside
+    torch, Pyro and pyroflows: the user's code that raised, not the library's."""
+    libraries = tuple(
+        os.path.dirname(m.__file__) for m in (torch, pyro, sys.modules["pyroflows"])
+    )
+    where = ""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if not frame.filename.startswith(libraries):
+            where = f" (at {frame.filename}:{frame.lineno}: {frame.line})"
+            break
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}{where}"
 
 
 def _minimise(energy: Energy, u: Tensor) -> Tensor:
@@ -157,7 +193,10 @@ def laplace_fits(energy: Energy, mode: Tensor, precond: Tensor, num: int = LAPLA
         warnings.simplefilter("ignore")
         for e in eps:
             log_q = -0.5 * (e @ e)  # up to constants, the same for every draw
-            log_w.append(-energy(mode + precond @ e) - log_q)
+            try:
+                log_w.append(-energy(mode + precond @ e) - log_q)
+            except ValueError:  # the model refuses the draw (a scale that underflowed to 0):
+                log_w.append(torch.tensor(-math.inf, dtype=mode.dtype))  # no density there
     log_w = torch.stack(log_w)
     if not torch.isfinite(log_w).any():
         return False

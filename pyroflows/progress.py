@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 import time
 
-__all__ = ["FitError", "Progress"]
+__all__ = ["FitError", "Progress", "check_setting"]
 
 
 class FitError(RuntimeError):
@@ -16,6 +18,21 @@ class FitError(RuntimeError):
         super().__init__(message)
         self.step = step
         self.site = site
+
+
+def check_setting(who: str, name: str, value, *, integer: bool = False) -> None:
+    """A loop setting (a rate, a count) must be a finite positive number.
+
+    Example:
+        >>> check_setting("fit", "lr", float("inf"))
+        Traceback (most recent call last):
+        ...
+        ValueError: fit: lr must be a finite positive number, got inf
+    """
+    kind = "integer" if integer else "number"
+    ok = isinstance(value, numbers.Integral if integer else numbers.Real)
+    if not (ok and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{who}: {name} must be a finite positive {kind}, got {value!r}")
 
 
 class Progress:

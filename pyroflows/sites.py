@@ -18,9 +18,12 @@ from torch.distributions import biject_to, constraints
 
 __all__ = [
     "Layout",
+    "architecture_difference",
+    "arguments_signature",
     "check_dependent_supports",
     "check_latent_site",
     "check_layout",
+    "check_plate_sizes",
     "describe_layout",
     "enumerated",
     "init_to_median",
@@ -134,6 +137,42 @@ def _support_key(support) -> tuple:
     return tuple(parts)
 
 
+def arguments_signature(args, kwargs) -> tuple:
+    """What of a model's arguments can change its plates' sizes: tensor shapes, and the
+    values of plain numbers and strings (other objects count by type)."""
+
+    def key(value):
+        if isinstance(value, Tensor):
+            return ("tensor", tuple(value.shape))
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, len(value))
+        return type(value).__name__
+
+    return tuple(key(a) for a in args), tuple(sorted((k, key(v)) for k, v in kwargs.items()))
+
+
+def check_plate_sizes(model, prototype_trace, args, kwargs) -> None:
+    """Refuse arguments under which a latent site's plate has another full size."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+    for name, site in prototype_trace.iter_stochastic_nodes():
+        now = trace.nodes.get(name)
+        if now is None:
+            continue
+        sizes = {f.name: f.full_size or f.size for f in now["cond_indep_stack"] if f.vectorized}
+        for frame in site["cond_indep_stack"]:
+            size = frame.full_size or frame.size
+            if frame.vectorized and sizes.get(frame.name, size) != size:
+                raise ValueError(
+                    f"AutoFlowGuide: latent site {name!r} is in plate {frame.name!r} of size "
+                    f"{size} for this guide, but of size {sizes[frame.name]} for these "
+                    "arguments. A guide's parameters are made for its plates' sizes: create "
+                    "a new guide for the new data."
+                )
+
+
 def check_layout(expected: Layout, actual: Layout) -> None:
     """A saved state's latent layout must be the model's."""
     if list(expected) != list(actual):
@@ -141,6 +180,19 @@ def check_layout(expected: Layout, actual: Layout) -> None:
             "the state dict belongs to a model with other latent sites: it has "
             f"{describe_layout(expected)}, this model has {describe_layout(actual)}"
         )
+
+
+def architecture_difference(saved: dict, current: dict) -> str:
+    """Name the settings in which two guide architectures differ, as ``key=saved (here:
+    current)``; the whole comparison where no setting names it (flows built by the user)."""
+    keys = sorted(set(saved) | set(current), key=str)
+    differ = [k for k in keys if saved.get(k) != current.get(k)]
+    if not differ:
+        return f"saved {saved}, this guide {current}"
+    return ", ".join(
+        f"{k}={saved.get(k, 'default')!r} there ({current.get(k, 'default')!r} here)"
+        for k in differ
+    )
 
 
 def describe_layout(layout: Layout) -> str:

@@ -42,12 +42,12 @@ class GuardedStep:
             if "invalid values" not in str(error):
                 raise
             pyro.infer.util.zero_grads(set(_all_params(guide)))
-            site = nonfinite_site(model, guide, args, kwargs)
+            site, what = nonfinite_site(model, guide, args, kwargs)
             where = f" at site {site!r}" if site else ""
             raise FitError(
-                f"fit: a distribution parameter became NaN or infinite at step {step}{where} "
-                f"(Pyro: {str(error).splitlines()[0]}). The guide keeps the parameters of step "
-                f"{step - 1}, the last finite one.",
+                f"fit: a distribution parameter became NaN or infinite at step {step}{where}"
+                f"{_because(what)} (Pyro: {str(error).splitlines()[0]}). The guide keeps the "
+                f"parameters of step {step - 1}, the last finite one.",
                 step,
                 site,
             ) from error
@@ -60,10 +60,12 @@ class GuardedStep:
             value = self._synchronise(params, value)
         try:
             self._check(value, params, model, guide, args, kwargs, step)
+            before = torch._foreach_mul(list(params), 1.0)  # to undo a non-finite update
             if self.optim is not None:
                 self.optim(list(params))
             else:
                 self._torch_step(params, lr)
+            self._check_update(params, before, lr, step)
         finally:
             pyro.infer.util.zero_grads(set(params))
         return float(value)
@@ -110,31 +112,60 @@ class GuardedStep:
 
     def _check(self, value, params, model, guide, args, kwargs, step):
         if not math.isfinite(value):
-            site = nonfinite_site(model, guide, args, kwargs)
+            site, what = nonfinite_site(model, guide, args, kwargs)
             where = f" at site {site!r}" if site else ""
             raise FitError(
-                f"fit: the loss is {value} at step {step}{where}. The guide keeps the parameters "
+                f"fit: the loss is {value} at step {step}{where}{_because(what)}. The guide "
+                "keeps the parameters "
                 f"of step {step - 1}, the last finite one. Check the model's distributions "
                 "and constraints there, or lower lr.",
                 step,
                 site,
             )
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
+        named = [(name, p.grad) for p, name in params.items() if p.grad is not None]
+        bad = _first_nonfinite_norm(named)
+        if bad is None:
             return
-        norms = torch._foreach_norm(grads)
-        if bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
-            return
-        bad = next(
-            name for p, name in params.items() if p.grad is not None and not p.grad.isfinite().all()
-        )
+        name, grad = bad
+        size = f"elements up to {grad.abs().max().item():.3g}, a norm that overflows"
+        detail = size if grad.isfinite().all() else "NaN or infinite elements"
         raise FitError(
-            f"fit: the gradient of parameter {bad!r} is not finite at step {step} (the loss "
-            f"was {value:.6g}). The guide keeps the parameters of step {step - 1}, the last "
-            "finite one.",
+            f"fit: the gradient of parameter {name!r} is not finite at step {step} ({detail}; "
+            f"the loss was {value:.6g}). The guide keeps the parameters of step {step - 1}, "
+            "the last finite one.",
             step,
-            bad,
+            name,
         )
+
+    @staticmethod
+    def _check_update(params, before, lr, step):
+        bad = _first_nonfinite_norm([(name, p) for p, name in params.items()])
+        if bad is None:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(list(params), before)
+        raise FitError(
+            f"fit: the update of step {step} made parameter {bad[0]!r} not finite (learning "
+            f"rate {lr:.3g}); it was undone, and the guide keeps the parameters of step "
+            f"{step - 1}. Lower lr.",
+            step,
+            bad[0],
+        )
+
+
+def _because(what: str) -> str:
+    return f": {what}" if what else ""
+
+
+def _first_nonfinite_norm(named):
+    """The first ``(name, tensor)`` whose norm is NaN or infinite (one host sync for all)."""
+    if not named:
+        return None
+    norms = torch._foreach_norm([t for _, t in named])
+    finite = torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]))
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])]
 
 
 def _all_params(guide):
@@ -142,8 +173,9 @@ def _all_params(guide):
 
 
 @torch.no_grad()
-def nonfinite_site(model, guide, args, kwargs, attempts: int = 10) -> str | None:
-    """Re-run guide and model and name the first site whose value or density is not finite."""
+def nonfinite_site(model, guide, args, kwargs, attempts: int = 10) -> tuple[str | None, str]:
+    """Re-run guide and model: the first site whose data, value or density is not finite,
+    and what is not finite there (``(None, "")`` if a re-run does not reproduce it)."""
     with pyro.validation_enabled(False):  # let NaN flow into log_prob instead of raising
         return _find_nonfinite_site(model, guide, args, kwargs, attempts)
 
@@ -156,18 +188,24 @@ def _find_nonfinite_site(model, guide, args, kwargs, attempts):
                 *args, **kwargs
             )
         except Exception:  # the failure itself may be the non-finite value
-            return None
+            return None, ""
+        for name, site in model_trace.nodes.items():  # data first: the same at every re-run
+            if site["type"] == "sample" and site["is_observed"] and _nonfinite(site["value"]):
+                return name, f"the observed data of site {name!r} contain NaN or infinite values"
         for trace in (guide_trace, model_trace):
             for name, site in trace.nodes.items():
                 if site["type"] != "sample":
                     continue
-                value = site["value"]
-                if torch.is_tensor(value) and not torch.isfinite(value).all():
-                    return name
+                if _nonfinite(site["value"]):
+                    return name, f"the value of site {name!r} is not finite"
                 try:
-                    log_prob = site["fn"].log_prob(value)
-                except Exception:
-                    return name
-                if not torch.isfinite(torch.as_tensor(log_prob)).all():
-                    return name
-    return None
+                    log_prob = site["fn"].log_prob(site["value"])
+                except Exception:  # any failure to score names this site
+                    return name, f"the density of site {name!r} cannot be evaluated"
+                if _nonfinite(torch.as_tensor(log_prob)):
+                    return name, f"the log density of site {name!r} is not finite"
+    return None, ""
+
+
+def _nonfinite(value) -> bool:
+    return torch.is_tensor(value) and not bool(torch.isfinite(value).all())
