@@ -36,7 +36,7 @@ with warnings.catch_warnings():  # ArviZ 0.2x announces its 1.0 refactor on impo
     import arviz as az
 
 from .diagnostics import importance_resample
-from .draws import Draws, draw, evaluate_at
+from .draws import NOT_VECTORISED_HINT, Draws, draw, evaluate_at, is_shape_error
 from .psis import PSISResult
 
 __all__ = ["from_importance_resample", "from_neutra", "to_inference_data"]
@@ -191,10 +191,23 @@ def from_importance_resample(result) -> az.InferenceData:
 
 def from_neutra(model, guide, args, kwargs, latent, chains, draws_per_chain, mcmc):
     probe = draw(model, guide, args, kwargs, 1)
-    evaluated = evaluate_at(model, args, kwargs, probe, latent)
-    posterior = dict(latent)
-    posterior.update(evaluated["values"])
-    groups = {"posterior": posterior, "log_likelihood": evaluated["log_likelihood"]}
+    posterior, log_likelihood = dict(latent), {}
+    try:
+        evaluated = evaluate_at(model, args, kwargs, probe, latent)
+    except (RuntimeError, ValueError) as error:  # finished MCMC work is never lost to this
+        if not is_shape_error(error):
+            raise
+        warnings.warn(
+            "neutra: the model does not run vectorised over the draws "
+            f"({type(error).__name__}: {str(error).strip().splitlines()[0]}), so the result "
+            "holds the latent sites' MCMC draws without deterministic sites or pointwise "
+            f"log-likelihood. To have them, {NOT_VECTORISED_HINT}.",
+            stacklevel=3,
+        )
+    else:
+        posterior.update(evaluated["values"])
+        log_likelihood = evaluated["log_likelihood"]
+    groups = {"posterior": posterior, "log_likelihood": log_likelihood}
     groups = {k: v for k, v in groups.items() if v}
     stats = mcmc.diagnostics().get("divergences", {})
     diverging = np.zeros((chains, draws_per_chain), dtype=bool)

@@ -23,9 +23,29 @@ from torch import Tensor
 
 from .scoring import scoring
 
-__all__ = ["Draws", "SiteInfo", "draw", "evaluate_at", "log_joint_at", "sum_per_draw"]
+__all__ = [
+    "NOT_VECTORISED_HINT",
+    "Draws",
+    "SiteInfo",
+    "draw",
+    "evaluate_at",
+    "is_shape_error",
+    "log_joint_at",
+    "sum_per_draw",
+]
 
 _PLATE = "_pyroflows_draws"
+
+NOT_VECTORISED_HINT = (
+    "write it to broadcast over leading dimensions, e.g. (x * beta).sum(-1) for x @ beta and "
+    "y[..., 1:] for y[1:]"
+)
+
+
+def is_shape_error(error: BaseException) -> bool:
+    """Whether an error is torch's or Pyro's complaint about shapes that do not broadcast."""
+    text = str(error).lower()
+    return any(w in text for w in ("size of tensor", "shape", "broadcast", "must match"))
 
 
 @dataclass
@@ -95,9 +115,14 @@ def draw(
                 for n in _chunks(num_samples, chunk_size)
             ]
         except Exception as error:  # any failure to broadcast: go draw by draw
+            # One line, the same for every call on this model (so shown once): the error's
+            # first line, not Pyro's trace-shape table.
+            name = getattr(model, "__name__", type(model).__name__)
             warnings.warn(
-                f"the model does not run vectorised over draws ({type(error).__name__}: "
-                f"{error}); drawing {num_samples} times sequentially, which is slower",
+                f"the model {name!r} does not run vectorised over draws "
+                f"({type(error).__name__}: {str(error).strip().splitlines()[0]}); drawing "
+                f"one at a time, which is several times slower. To vectorise it, "
+                f"{NOT_VECTORISED_HINT}.",
                 stacklevel=3,
             )
             chunks = [_sequential(model, guide, args, kwargs, num_samples, sites, predictive)]

@@ -54,6 +54,7 @@ from .sites import (
 __all__ = ["AutoFlowGuide", "init_to_median"]
 
 FULL_RANK_LIMIT = 200  # affine="auto": a full lower-triangular L up to this many dimensions
+DEFAULT_INIT_SCALE = 0.1  # as AutoNormal's
 
 
 class AutoFlowGuide(AutoContinuous):
@@ -78,8 +79,10 @@ class AutoFlowGuide(AutoContinuous):
             arXiv:1907.04481), for posteriors with Cauchy-like tails. Its degrees of freedom
             start at 30, so this guide starts close to, not exactly at, AutoNormal.
         init_loc_fn: per-site initialisation of ``loc`` (default: prior median, or the
-            constrained image of zero where the prior cannot be sampled).
-        init_scale: initial ``scale`` of every unconstrained dimension.
+            constrained image of zero where the prior cannot be sampled). Given explicitly
+            (it or ``init_scale``), it is a warm start: ``init="auto"`` then keeps it instead
+            of searching for the Laplace start (``init="laplace"`` searches from it).
+        init_scale: initial ``scale`` of every unconstrained dimension (default 0.1).
         affine: ``"full"`` (lower-triangular ``L``), ``"diagonal"``, or ``"auto"``: full for
             coupling-only flows up to 200 latent dimensions, else diagonal.
         init: ``"auto"``: the Laplace start where it is sound (``pyroflows.laplace``), else
@@ -118,8 +121,8 @@ class AutoFlowGuide(AutoContinuous):
         num_layers: int | None = None,
         hidden_dims: Sequence[int] | None = None,
         base: str = "normal",
-        init_loc_fn=init_to_median,
-        init_scale: float = 0.1,
+        init_loc_fn=None,
+        init_scale: float | None = None,
         create_plates=None,
         name: str | None = None,
         affine: str = "auto",
@@ -127,6 +130,10 @@ class AutoFlowGuide(AutoContinuous):
         init: str = "auto",
         **flow_kwargs,
     ):
+        # An explicit start (either argument) is a warm start and wins over init="auto".
+        self._explicit_start = init_loc_fn is not None or init_scale is not None
+        init_loc_fn = init_to_median if init_loc_fn is None else init_loc_fn
+        init_scale = DEFAULT_INIT_SCALE if init_scale is None else init_scale
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
         if base not in ("normal", "studentt"):
@@ -201,7 +208,8 @@ class AutoFlowGuide(AutoContinuous):
             self._layout = layout
             init_loc = self._init_loc()
             laplace = None
-            if self._init != "prior":
+            explicit = self._init == "auto" and getattr(self, "_explicit_start", False)
+            if self._init != "prior" and not explicit:
                 start = self._laplace_start(init_loc, args, kwargs)
                 if start.ok:
                     laplace = start.mode, start.precond
@@ -307,7 +315,9 @@ class AutoFlowGuide(AutoContinuous):
         return AffineTransform(loc, scale, event_dim=1, cache_size=1)
 
     def get_posterior(self, *args, **kwargs):
-        return dist.TransformedDistribution(self.get_base_dist(), self.get_transform())
+        """q over the unconstrained latent vector: sample and score it; a flow has no
+        closed-form ``mean`` or ``variance`` (they raise, pointing to the estimates)."""
+        return FlowPosterior(self.get_base_dist(), self.get_transform())
 
     def sample_latent(self, *args, **kwargs):
         posterior = self.get_posterior()
@@ -475,6 +485,25 @@ class AutoFlowGuide(AutoContinuous):
         # The buffers (center, precond) are loaded either way; whether they are used is the
         # saved guide's choice, not this one's start.
         self.preconditioned = bool(state.get("preconditioned"))
+
+
+class FlowPosterior(dist.TransformedDistribution):
+    """A guide's posterior: no closed-form moments, and a message that says what to use."""
+
+    def _no_moment(self, what):
+        raise NotImplementedError(
+            f"a flow's posterior has no closed-form {what}; estimate it from draws: "
+            "guide.sample_posterior(n) (constrained sites), guide.quantiles([...]), or "
+            "guide.get_posterior().sample((n,)) for the unconstrained vector"
+        )
+
+    @property
+    def mean(self):
+        self._no_moment("mean")
+
+    @property
+    def variance(self):
+        self._no_moment("variance")
 
 
 # Guides pickled before scoring.py existed hold a FlowInverter under this name.

@@ -117,9 +117,7 @@ def _search_dtype(energy: Energy, init: Tensor) -> torch.dtype:
 def describe_error(error: BaseException) -> str:
     """``"Type: first line (at file:line)"``, the line being the innermost one outside
     torch, Pyro and pyroflows: the user's code that raised, not the library's."""
-    libraries = tuple(
-        os.path.dirname(m.__file__) for m in (torch, pyro, sys.modules["pyroflows"])
-    )
+    libraries = tuple(os.path.dirname(m.__file__) for m in (torch, pyro, sys.modules["pyroflows"]))
     where = ""
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
         if not frame.filename.startswith(libraries):

@@ -79,8 +79,18 @@ def check_latent_site(name: str, site) -> None:
         raise ValueError(
             f"AutoFlowGuide: latent site {name!r} is discrete ({fn.support}); flows need "
             "continuous latents. Enumerate it (infer={'enumerate': 'parallel'} with "
-            "TraceEnum_ELBO) so that it is marginalised, or give it its own guide."
+            "TraceEnum_ELBO) so that it is marginalised, or give it its own guide; see "
+            "https://pyro.ai/examples/enumeration.html"
         )
+    try:
+        biject_to(fn.support)
+    except NotImplementedError:
+        raise ValueError(
+            f"AutoFlowGuide: latent site {name!r} has support {fn.support}, which no "
+            "registered bijection maps to unconstrained space (torch.distributions.biject_to "
+            "has none for it). Reparametrise it (e.g. a unit vector as x / |x| with x "
+            "unconstrained), or register a transform with biject_to.register."
+        ) from None
     for frame in site["cond_indep_stack"]:
         if frame.vectorized and frame.full_size is not None and frame.full_size != frame.size:
             raise ValueError(

@@ -16,6 +16,7 @@ from pyro import poutine
 
 from . import distributed as dist_
 from .adapters import guide_model_wrapped
+from .draws import NOT_VECTORISED_HINT, is_shape_error
 from .progress import FitError
 
 __all__ = ["GuardedStep", "nonfinite_site"]
@@ -37,7 +38,14 @@ class GuardedStep:
         try:
             with poutine.trace(param_only=True) as param_capture:
                 value = elbo.loss_and_grads(model, guide, *args, **kwargs)
-        except ValueError as error:
+        except (RuntimeError, ValueError) as error:
+            if _batched_particles(elbo) and is_shape_error(error):
+                raise ValueError(
+                    f"fit: num_particles={elbo.num_particles} draws the particles as one batch "
+                    "(a plate left of the model's), and this model does not broadcast over it "
+                    f"({NOT_VECTORISED_HINT}; {type(error).__name__}: "
+                    f"{str(error).splitlines()[0]}). Or fit with num_particles=1."
+                ) from error
             # Pyro's validation refuses a NaN distribution parameter before the loss exists.
             if "invalid values" not in str(error):
                 raise
@@ -151,6 +159,10 @@ class GuardedStep:
             step,
             bad[0],
         )
+
+
+def _batched_particles(elbo) -> bool:
+    return getattr(elbo, "vectorize_particles", False) and elbo.num_particles > 1
 
 
 def _because(what: str) -> str:

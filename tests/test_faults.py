@@ -13,7 +13,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyroflows import AutoFlowGuide, FitError, Flow, fit, importance_resample
+from pyroflows import AutoFlowGuide, FitError, Flow, fit, importance_resample, init_to_median
 
 QUIET = {"progress": False, "diagnose": False}
 
@@ -262,3 +262,115 @@ def test_importance_resample_warns_when_the_weights_collapse():
     far = AutoNormal(model, init_loc_fn=init_to_value(values={"x": torch.tensor(1.0)}))
     with pytest.warns(UserWarning, match="ESS"):
         importance_resample(model, far, num_samples=500, adapt=False, seed=0)
+
+
+def ar1_sliced(y):
+    """An AR(1) likelihood written with y[1:] and y[:-1]: it cannot broadcast over draws."""
+    phi = pyro.sample("phi", dist.Uniform(-1.0, 1.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    pyro.sample("y", dist.Normal(phi * y[:-1], sigma).to_event(1), obs=y[1:])
+
+
+@pytest.mark.parametrize("loss", ["dreg", "iwae", "elbo"])
+def test_particles_on_a_model_that_cannot_batch_them_say_so_in_one_line(loss):
+    y = torch.randn(30).cumsum(0) * 0.1
+    guide = AutoFlowGuide(ar1_sliced, flow="realnvp", init="prior")
+    with pytest.raises(ValueError, match=r"num_particles=8.*does not broadcast.*y\[\.\.\., 1:\]"):
+        fit(ar1_sliced, guide, y, num_steps=3, loss=loss, num_particles=8, **QUIET)
+
+
+def test_neutra_keeps_its_draws_when_the_model_cannot_be_evaluated_in_a_batch():
+    from pyroflows import neutra
+
+    y = torch.randn(30).cumsum(0) * 0.1
+    guide = AutoFlowGuide(ar1_sliced, flow="realnvp", init="prior")
+    fit(ar1_sliced, guide, y, num_steps=50, **QUIET)
+    with pytest.warns(UserWarning, match="neutra: the model does not run vectorised"):
+        idata = neutra(ar1_sliced, guide, y, num_samples=20, warmup_steps=20, jit=False, seed=0)
+    assert idata.posterior["phi"].shape == (1, 20)
+
+
+# ------------------------------------------------------------------ Pyro's conventions
+def two_dim():
+    pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize("flow", ["iaf", "realnvp", "nsf"])
+def test_the_guide_traces_with_torch_jit_and_serialises(flow, tmp_path):
+    import io
+
+    guide = AutoFlowGuide(two_dim, flow=flow, init="prior")
+    guide()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values
+        traced = torch.jit.trace_module(guide, {"call": ()}, strict=False, check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    torch.manual_seed(3)
+    expected = guide.call()[0]
+    torch.manual_seed(3)
+    assert torch.allclose(loaded.call()[0], expected)
+
+
+def test_a_traced_predictive_and_a_compiled_draw():
+    from pyro.infer import Predictive
+
+    guide = AutoFlowGuide(two_dim, init="prior")
+    guide()
+    predictive = Predictive(two_dim, guide=guide, num_samples=7, parallel=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(predictive, {"call": ()}, strict=False, check_trace=False)
+    assert traced.call()[0].shape == (7, 2)
+    compiled = torch.compile(lambda: guide.get_posterior().rsample((5,)), backend="aot_eager")
+    assert compiled().shape == (5, 2)
+
+
+def test_posterior_moments_point_to_the_estimates():
+    guide = AutoFlowGuide(two_dim, init="prior")
+    guide()
+    for moment in ("mean", "variance"):
+        with pytest.raises(NotImplementedError, match="quantiles"):
+            getattr(guide.get_posterior(), moment)
+
+
+def test_an_explicit_start_wins_over_the_laplace_start():
+    from pyro.infer.autoguide import init_to_value
+
+    X, y = regression_data()
+
+    def model(X, y):
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(3), 10.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal((X * beta).sum(-1), 0.1), obs=y)
+
+    start = torch.tensor([3.0, 3.0, 3.0])
+    guide = AutoFlowGuide(model, init_loc_fn=init_to_value(values={"beta": start}))
+    guide(X, y)
+    assert not guide.preconditioned and torch.equal(guide.loc, start)
+    guide = AutoFlowGuide(model, init_scale=0.01, name="scaled")
+    guide(X, y)
+    assert not guide.preconditioned
+    assert torch.allclose(guide.scale, torch.full((3,), 0.01))
+    guide = AutoFlowGuide(model, init_loc_fn=init_to_median, name="median")  # explicit too
+    guide(X, y)
+    assert not guide.preconditioned
+    default = AutoFlowGuide(model, name="default")
+    default(X, y)
+    assert default.preconditioned  # the defaults still get the Laplace start
+
+
+def test_unsupported_supports_and_discrete_sites_have_clear_messages():
+    def on_sphere():
+        pyro.sample("u", dist.ProjectedNormal(torch.ones(3)))
+
+    with pytest.raises(ValueError, match=r"'u'.*no registered bijection"):
+        AutoFlowGuide(on_sphere)()
+
+    def discrete():
+        pyro.sample("k", dist.Bernoulli(0.3))
+
+    with pytest.raises(ValueError, match=r"'k'.*enumeration"):
+        AutoFlowGuide(discrete)()

@@ -45,6 +45,12 @@ class VectorTransformModule(TransformModule):
     mixes_all_pairs: bool = False
 
     @property
+    def sign(self):
+        # torch defines sign for univariate bijections only, and raises NotImplementedError
+        # otherwise, which breaks hasattr() (torch.jit.trace inspects every attribute).
+        raise AttributeError(f"{type(self).__name__} acts on vectors: its Jacobian has no sign")
+
+    @property
     def has_analytic_inverse(self) -> bool:
         """Whether ``inverse_and_log_det`` is implemented (planar, radial, ... have none)."""
         return type(self).inverse_and_log_det is not VectorTransformModule.inverse_and_log_det
