@@ -289,6 +289,12 @@ class Flow(nn.Module):
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"Flow: {what} must have shape (..., {self.dim}), got {shape}")
+        dtype = self.data_loc.dtype
+        if x.dtype != dtype:
+            raise ValueError(
+                f"Flow: {what} are {x.dtype} but the flow is {dtype}; convert one of them "
+                f"(x.to({dtype}) or flow.to({x.dtype}))"
+            )
         finite = torch.isfinite(x).all(-1)
         if not finite.all():
             bad = (~finite).nonzero()[:5].tolist()
@@ -312,6 +318,10 @@ class Flow(nn.Module):
             raise ValueError(
                 f"Flow: context must have one row per data row ({rows}), got {tuple(context.shape)}"
             )
+        finite = torch.isfinite(context).all(-1)
+        if not finite.all():
+            bad = (~finite).nonzero()[:5].tolist()
+            raise ValueError(f"Flow: context has non-finite values in rows {bad}")
 
 
 def _is_names(spec) -> bool:

@@ -471,16 +471,16 @@ class AutoFlowGuide(AutoContinuous):
             # placeholders: the state dict's buffers overwrite them
             laplace = (zeros, torch.eye(self.latent_dim, dtype=dtype))
             self._create_parameters(zeros, laplace if state.get("preconditioned") else None)
+        if state.get("flow") is not None and state["flow"] != repr(self.flow):
+            raise ValueError(
+                "the state dict is from a guide with another flow: "
+                + architecture_difference(state.get("architecture", {}), self.architecture)
+            )
         if state.get("full_rank") != self.full_rank:
             kinds = ["full" if f else "diagonal" for f in (state.get("full_rank"), self.full_rank)]
             raise ValueError(
                 f"the state dict is from a guide with a {kinds[0]} affine, this one is "
                 f"{kinds[1]}; pass affine='{kinds[0]}' to match"
-            )
-        if state.get("flow") is not None and state["flow"] != repr(self.flow):
-            raise ValueError(
-                "the state dict is from a guide with another flow: "
-                + architecture_difference(state.get("architecture", {}), self.architecture)
             )
         # The buffers (center, precond) are loaded either way; whether they are used is the
         # saved guide's choice, not this one's start.

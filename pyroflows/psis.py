@@ -25,6 +25,8 @@ from torch import Tensor
 
 __all__ = ["PSISResult", "effective_sample_size", "khat_threshold", "psis"]
 
+MIN_TAIL_DRAWS = 25  # the fewest draws whose largest fifth holds the 5 a Pareto fit needs
+
 
 def khat_threshold(num_samples: int) -> float:
     """The sample-size dependent k-hat threshold ``min(1 - 1/log10(S), 0.7)``.
@@ -120,6 +122,12 @@ class PSISResult:
         return self.k_hat < self.threshold
 
     def summary(self) -> str:
+        if self.num_samples < MIN_TAIL_DRAWS:
+            return (
+                f"PSIS k-hat cannot be estimated from {self.num_samples} draws (a Pareto tail "
+                f"needs {MIN_TAIL_DRAWS} at least, and k-hat is reliable from about 1000): "
+                "draw more."
+            )
         if self.ok:
             return (
                 f"PSIS k-hat {self.k_hat:.2f} < {self.threshold:.2f} ({self.num_samples} draws): "

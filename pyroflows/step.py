@@ -166,7 +166,12 @@ def _batched_particles(elbo) -> bool:
 
 
 def _because(what: str) -> str:
-    return f": {what}" if what else ""
+    if not what:  # say so, rather than name nothing
+        return (
+            " (re-running the guide and model did not reproduce it, so no site can be named:"
+            " a rare draw, such as an overflow of exp in a scale)"
+        )
+    return f": {what}"
 
 
 def _first_nonfinite_norm(named):

@@ -27,7 +27,7 @@ def _clean_store():
 
 # ----------------------------------------------------------------------- the Laplace start
 def matmul_regression(X, y):
-    beta = pyro.sample("beta", dist.Normal(torch.zeros(3), 10.0).to_event(1))
+    beta = pyro.sample("beta", dist.Normal(torch.zeros(3, dtype=X.dtype), 10.0).to_event(1))
     with pyro.plate("data", len(y)):
         pyro.sample("y", dist.Normal(X @ beta, 0.1), obs=y)  # float32 X: no dtype promotion
 
@@ -35,8 +35,8 @@ def matmul_regression(X, y):
 def regression_data():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(50, 3, generator=g, dtype=torch.float32)
-    y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(50, generator=g)
-    return X, y
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=X.dtype) + 0.1 * torch.randn(50, generator=g)
+    return X, y.float()
 
 
 def test_laplace_start_works_for_a_matmul_with_float32_data():
@@ -84,6 +84,33 @@ def test_a_rejected_laplace_search_leaves_no_trace(dtype, seed):
         assert not guide.preconditioned
         assert torch.equal(guide.loc, prior_start.loc)
         assert guide.loc.abs().max() < 10
+    finally:
+        torch.set_default_dtype(old)
+
+
+def funnel():
+    v = pyro.sample("v", dist.Normal(0.0, 3.0))
+    with pyro.plate("i", 4):
+        pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_default_fit_is_as_sound_in_float64_as_in_float32(dtype, seed):
+    # In float64 the rejected Laplace search used to leave the guide where it ran off: fit
+    # stopped at step 1 ("Normal(loc: 51.96, scale: 0.0)") or ended 1e60 sds away.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
+        sigma = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
+        for model, args in ((eight_schools, (y, sigma)), (funnel, ())):
+            pyro.clear_param_store()
+            guide = AutoFlowGuide(model)
+            fit(model, guide, *args, num_steps=100, seed=seed, **QUIET)
+            draws = guide.sample_posterior(2000)
+            first = draws["mu"] if "mu" in draws else draws["v"]
+            assert abs(first.mean()) < 15 and 0.3 < first.std() < 15, (model, first.mean())
     finally:
         torch.set_default_dtype(old)
 
@@ -156,16 +183,19 @@ def test_learning_rates_must_be_finite_and_positive(lr):
 def test_an_update_that_makes_parameters_non_finite_is_undone():
     guide = AutoFlowGuide(one_latent, init="prior")
     with pytest.raises(FitError, match="not finite") as info:
-        # steps of about 1e30 on every weight: the norms overflow float32
-        fit(one_latent, guide, num_steps=5, lr=1e30, warmup=0, clip=None, **QUIET)
+        # steps of about lr on every weight: the norms overflow the dtype's range
+        lr = 1e30 if torch.get_default_dtype() == torch.float32 else 1e200
+        fit(one_latent, guide, num_steps=5, lr=lr, warmup=0, clip=None, **QUIET)
     assert info.value.step == 1
     assert all(torch.isfinite(p).all() for p in guide.parameters())
 
 
 def test_a_gradient_whose_norm_overflows_is_a_fit_error_naming_the_parameter():
+    big = torch.finfo(torch.get_default_dtype()).max ** 0.5  # 1.8e19 in float32
+
     def model():
         a = pyro.sample("a", dist.Normal(torch.zeros(8), 1.0).to_event(1))
-        pyro.factor("huge", 1e19 * a.sum())  # finite gradients of 1e19: the norm overflows
+        pyro.factor("huge", big * a.sum())  # finite gradients whose norm overflows
 
     guide = AutoFlowGuide(model, init="prior", flow="realnvp")
     with pytest.raises(FitError, match="gradient of parameter") as info:
@@ -374,3 +404,31 @@ def test_unsupported_supports_and_discrete_sites_have_clear_messages():
 
     with pytest.raises(ValueError, match=r"'k'.*enumeration"):
         AutoFlowGuide(discrete)()
+
+
+# --------------------------------------------------------------------- weaker messages
+def test_a_state_from_another_flow_names_the_flow_not_the_affine():
+    source = AutoFlowGuide(banana, init="prior", flow="iaf", hidden_dims=[8])
+    source(None)
+    target = AutoFlowGuide(banana, init="prior", flow="realnvp", hidden_dims=[8], name="t")
+    with pytest.raises(ValueError, match="flow='iaf' there") as info:
+        target.load_state_dict(source.state_dict())
+    assert "affine" not in str(info.value)
+
+
+def test_too_few_draws_for_psis_say_so_instead_of_fit_longer():
+    from pyroflows.psis import PSISResult
+
+    summary = PSISResult.from_log_weights(torch.randn(10)).summary()
+    assert "draw more" in summary and "Fit longer" not in summary
+
+
+def test_flow_data_and_context_problems_are_named():
+    flow = Flow(2, context_dim=1, hidden_dims=[8]).float()
+    data = torch.randn(30, 2, dtype=torch.float32)
+    context = torch.randn(30, 1, dtype=torch.float32)
+    context[3] = math.nan
+    with pytest.raises(ValueError, match=r"context has non-finite values in rows \[\[3\]\]"):
+        flow.fit(data, context=context, num_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"float64 but the flow is torch\.float32"):
+        flow.fit(data.double(), context=context.double(), num_steps=2, progress=False)
