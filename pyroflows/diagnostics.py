@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.distributions import biject_to
 
-from .draws import Draws, draw, evaluate_at
+from .draws import NOT_VECTORISED_HINT, Draws, draw, evaluate_at, is_shape_error
 from .neutra import neutra  # noqa: F401  (pyroflows.diagnostics.neutra, its former home)
 from .psis import PSISResult, khat_threshold, psis
 
@@ -195,8 +195,16 @@ def _moment_match(model, args, kwargs, draws, result, max_adaptations):
             new_u, step_log_det = mapped
             try:
                 moved, log_p_u = evaluate(new_u)
-            except (ValueError, RuntimeError):
-                continue
+            except (ValueError, RuntimeError) as error:
+                if is_shape_error(error):  # not vectorised: no map can be tried, say so
+                    warnings.warn(
+                        "importance_resample: moment matching evaluates the model at all "
+                        "draws at once, and this model does not run vectorised over them; "
+                        f"resampling without it. To have it, {NOT_VECTORISED_HINT}.",
+                        stacklevel=3,
+                    )
+                    return draws, result, accepted
+                continue  # the map moved draws where the model refuses them: try the next
             log_w = log_p_u - (log_q_u - (log_det + step_log_det))
             candidate = PSISResult.from_log_weights(log_w)
             if candidate.k_hat < result.k_hat:

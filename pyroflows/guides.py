@@ -172,17 +172,24 @@ class AutoFlowGuide(AutoContinuous):
     def _setup_prototype(self, *args, **kwargs):
         # Atomic: a setup that fails or is interrupted leaves the guide as it found it, so
         # that the error is the whole story (not a later "no attribute 'flow'").
-        before = {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
+        before = self._snapshot()
         try:
             # Setup draws from the prior (init_to_median); fork the RNG so that it leaves the
             # user's random stream as it was: a loaded guide then draws what the saved one drew.
             with torch.random.fork_rng(devices=[]):
                 self._trace_prototype(*args, **kwargs)
         except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(before)
+            self._restore(before)
             raise
         self._seen_arguments = {arguments_signature(args, kwargs)}
+
+    def _snapshot(self) -> dict:
+        """The guide's attributes (module registries copied), for ``_restore``."""
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
+
+    def _restore(self, snapshot: dict) -> None:
+        self.__dict__.clear()
+        self.__dict__.update(snapshot)
 
     def _trace_prototype(self, *args, **kwargs):
         AutoGuide._setup_prototype(self, *args, **kwargs)
@@ -450,6 +457,17 @@ class AutoFlowGuide(AutoContinuous):
     def set_extra_state(self, state):
         pass  # read in _prepare_to_load, before the parameters are loaded
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, checked first and atomic: a state from another model
+        or architecture, with missing or extra entries, wrong shapes or non-finite values is
+        refused before any tensor is copied, and the guide is left as it was."""
+        before = self._snapshot()
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            self._restore(before)
+            raise
+
     def _prepare_to_load(self, state_dict, prefix, *_):
         state = state_dict.get(prefix + "_extra_state")
         if not state or not state.get("layout"):
@@ -482,9 +500,30 @@ class AutoFlowGuide(AutoContinuous):
                 f"the state dict is from a guide with a {kinds[0]} affine, this one is "
                 f"{kinds[1]}; pass affine='{kinds[0]}' to match"
             )
+        _check_entries(state_dict, self.state_dict(prefix=prefix), prefix)
         # The buffers (center, precond) are loaded either way; whether they are used is the
         # saved guide's choice, not this one's start.
         self.preconditioned = bool(state.get("preconditioned"))
+
+
+def _check_entries(given: dict, expected: dict, prefix: str) -> None:
+    """Every tensor this guide holds is in the state, of its shape, and finite."""
+    extra = sorted(k for k in given if k.startswith(prefix) and k not in expected)
+    if extra:
+        raise ValueError(f"the state dict has entries this guide does not: {extra[:3]}")
+    for key, mine in expected.items():
+        if not torch.is_tensor(mine):
+            continue
+        theirs = given.get(key)
+        if theirs is None:
+            raise ValueError(f"the state dict has no {key!r}: it is incomplete or corrupted")
+        if theirs.shape != mine.shape:
+            raise ValueError(
+                f"the state dict's {key!r} has shape {tuple(theirs.shape)}, this guide's "
+                f"{tuple(mine.shape)}"
+            )
+        if theirs.is_floating_point() and not bool(torch.isfinite(theirs).all()):
+            raise ValueError(f"the state dict's {key!r} has NaN or infinite values (corrupted)")
 
 
 class FlowPosterior(dist.TransformedDistribution):

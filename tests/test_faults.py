@@ -432,3 +432,39 @@ def test_flow_data_and_context_problems_are_named():
         flow.fit(data, context=context, num_steps=2, progress=False)
     with pytest.raises(ValueError, match=r"float64 but the flow is torch\.float32"):
         flow.fit(data.double(), context=context.double(), num_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["missing", "nan", "shape"])
+@pytest.mark.parametrize("set_up", [False, True])
+def test_a_corrupted_state_is_refused_and_leaves_the_guide_as_it_was(damage, set_up):
+    source = AutoFlowGuide(banana, init="prior", hidden_dims=[8])
+    source(None)
+    state = source.state_dict()
+    if damage == "missing":
+        del state["scale_raw"]
+    elif damage == "nan":
+        state["loc"] = torch.full_like(state["loc"], math.nan)
+    else:
+        state["loc"] = torch.zeros(5)
+    target = AutoFlowGuide(banana, init="prior", hidden_dims=[8], name="target")
+    if set_up:
+        target(None)
+        before = {k: v.clone() for k, v in target.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match=r"scale_raw|loc"):
+        target.load_state_dict(state)
+    if set_up:
+        after = target.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+    else:
+        assert not list(target.parameters()) and target.prototype_trace is None
+        assert set(target(None)) == {"x1", "x2"}  # and it still sets itself up
+
+
+def test_moment_matching_on_a_model_that_cannot_batch_draws_says_it_was_skipped():
+    from pyro.infer.autoguide import AutoNormal, init_to_value
+
+    y = torch.randn(30).cumsum(0) * 0.1
+    far = init_to_value(values={"phi": torch.tensor(-0.9), "sigma": torch.tensor(1.0)})
+    guide = AutoNormal(ar1_sliced, init_loc_fn=far, init_scale=0.05)  # adaptation is wanted
+    with pytest.warns(UserWarning, match="resampling without it"):
+        importance_resample(ar1_sliced, guide, y, num_samples=200, seed=0)
