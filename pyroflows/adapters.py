@@ -1,9 +1,11 @@
-"""The one place that reaches into Pyro's private state, where Pyro offers no public seam.
+"""The one place that reaches into Pyro's (and nn.Module's) private state, where they offer
+no public seam.
 
 Pyro's param store is global: a second guide with the same parameter names would silently
 pick up the first one's values. ``AutoFlowGuide`` therefore takes a name no live guide and no
 stored parameter uses, and checks once that the store holds its own tensors. Data-parallel
 ``fit`` sets a guide up on a scaled model, which means swapping the model an autoguide holds.
+Atomic setup and loading restore a module's attribute dictionary after a failure.
 """
 
 from __future__ import annotations
@@ -15,14 +17,24 @@ from contextlib import contextmanager
 import pyro
 from torch import Tensor
 
-__all__ = ["check_param_store", "guide_model_wrapped", "reserve_param_name", "unique_param_name"]
+__all__ = [
+    "check_param_store",
+    "claim_param_name",
+    "guide_model_wrapped",
+    "restore",
+    "snapshot",
+]
 
 _LIVE_NAMES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def unique_param_name(base: str, owner: object) -> str:
-    """``base``, or ``base_2``, ``base_3``, ...: the first name that no live guide and no
-    parameter in Pyro's param store uses; it is reserved for ``owner`` while it lives."""
+def claim_param_name(name: str | None, base: str, owner: object) -> str:
+    """``name`` if given; else ``base``, or ``base_2``, ``base_3``, ...: the first name that
+    no live guide and no parameter in Pyro's param store uses. Reserved for ``owner`` while
+    it lives."""
+    if name is not None:
+        _LIVE_NAMES[name] = owner
+        return name
     store = pyro.get_param_store()
 
     def taken(name: str) -> bool:
@@ -43,11 +55,6 @@ def unique_param_name(base: str, owner: object) -> str:
         )
     _LIVE_NAMES[name] = owner
     return name
-
-
-def reserve_param_name(name: str, owner: object) -> None:
-    """Record a name chosen by the user as used by ``owner``."""
-    _LIVE_NAMES[name] = owner
 
 
 def check_param_store(named: list[tuple[str, Tensor]], prefix: str) -> None:
@@ -76,3 +83,14 @@ def guide_model_wrapped(guide, wrapper):
         yield guide
     finally:
         guide._model = held
+
+
+def snapshot(module) -> dict:
+    """A module's attributes, its registries of parameters, buffers and submodules copied:
+    ``restore`` puts it back as it was (setup and loading are atomic with these)."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()}
+
+
+def restore(module, saved: dict) -> None:
+    module.__dict__.clear()
+    module.__dict__.update(saved)

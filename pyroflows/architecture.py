@@ -12,10 +12,34 @@ from torch import nn
 
 from . import transforms
 
-__all__ = ["DEFAULT_FLOW", "DEFAULT_NUM_LAYERS", "build_guide_flow", "default_hidden_dims"]
+__all__ = [
+    "DEFAULT_FLOW",
+    "DEFAULT_NUM_LAYERS",
+    "build_guide_flow",
+    "check_choice",
+    "default_hidden_dims",
+    "describe_architecture",
+]
 
 DEFAULT_FLOW = "iaf"
 DEFAULT_NUM_LAYERS = 2  # blocks of the default flow
+
+
+def check_choice(name: str, value, options: tuple) -> None:
+    """Refuse a keyword value that is not one of ``options``, naming them."""
+    if value not in options:
+        listed = ", ".join(repr(o) for o in options[:-1]) + f" or {options[-1]!r}"
+        raise ValueError(f"{name} must be {listed}, got {value!r}")
+
+
+def describe_architecture(spec, num_layers, hidden_dims, flow_kwargs: dict) -> dict:
+    """The settings that give a guide's parameters their meaning, as saved in its state."""
+    return {
+        "flow": spec if isinstance(spec, (str, list, tuple)) else type(spec).__name__,
+        "num_layers": num_layers,
+        "hidden_dims": None if hidden_dims is None else list(hidden_dims),
+        **flow_kwargs,
+    }
 
 
 def validate_flow_spec(flow) -> None:

@@ -20,7 +20,6 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from .draws import NOT_VECTORISED_HINT, Draws, draw, evaluate_at, is_shape_error
-from .neutra import neutra  # noqa: F401  (pyroflows.diagnostics.neutra, its former home)
 from .psis import PSISResult, khat_threshold, psis
 
 __all__ = [

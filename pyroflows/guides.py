@@ -34,12 +34,16 @@ from torch.distributions import biject_to
 
 from . import supports as _supports  # noqa: F401  (registers extra biject_to)
 from . import transforms
-from .adapters import check_param_store, reserve_param_name, unique_param_name
-from .architecture import build_guide_flow, validate_flow_spec
+from .adapters import check_param_store, claim_param_name, restore, snapshot
+from .architecture import (
+    build_guide_flow,
+    check_choice,
+    describe_architecture,
+    validate_flow_spec,
+)
 from .laplace import LaplaceStart, laplace_start
-from .scoring import FlowInverter, StoppedScore
+from .scoring import FlowInverter, FlowPosterior, StoppedScore
 from .sites import (
-    architecture_difference,
     arguments_signature,
     check_dependent_supports,
     check_latent_site,
@@ -50,6 +54,7 @@ from .sites import (
     split_latent,
     unconstrained_energy,
 )
+from .state import check_entries, check_same_architecture, read_saved_state
 
 __all__ = ["AutoFlowGuide", "init_to_median"]
 
@@ -136,20 +141,13 @@ class AutoFlowGuide(AutoContinuous):
         init_scale = DEFAULT_INIT_SCALE if init_scale is None else init_scale
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
-        if base not in ("normal", "studentt"):
-            raise ValueError(f"base must be 'normal' or 'studentt', got {base!r}")
-        if affine not in ("auto", "full", "diagonal"):
-            raise ValueError(f"affine must be 'auto', 'full' or 'diagonal', got {affine!r}")
-        if init not in ("auto", "laplace", "prior"):
-            raise ValueError(f"init must be 'auto', 'laplace' or 'prior', got {init!r}")
+        check_choice("base", base, ("normal", "studentt"))
+        check_choice("affine", affine, ("auto", "full", "diagonal"))
+        check_choice("init", init, ("auto", "laplace", "prior"))
         validate_flow_spec(flow)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.create_plates = create_plates
-        if name is None:
-            self._pyro_name = unique_param_name(type(self).__name__, self)
-        else:
-            self._pyro_name = name
-            reserve_param_name(name, self)
+        self._pyro_name = claim_param_name(name, type(self).__name__, self)
         self._flow_spec = flow
         self._num_layers = num_layers
         self._hidden_dims = hidden_dims
@@ -172,24 +170,16 @@ class AutoFlowGuide(AutoContinuous):
     def _setup_prototype(self, *args, **kwargs):
         # Atomic: a setup that fails or is interrupted leaves the guide as it found it, so
         # that the error is the whole story (not a later "no attribute 'flow'").
-        before = self._snapshot()
+        before = snapshot(self)
         try:
             # Setup draws from the prior (init_to_median); fork the RNG so that it leaves the
             # user's random stream as it was: a loaded guide then draws what the saved one drew.
             with torch.random.fork_rng(devices=[]):
                 self._trace_prototype(*args, **kwargs)
         except BaseException:
-            self._restore(before)
+            restore(self, before)
             raise
         self._seen_arguments = {arguments_signature(args, kwargs)}
-
-    def _snapshot(self) -> dict:
-        """The guide's attributes (module registries copied), for ``_restore``."""
-        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
-
-    def _restore(self, snapshot: dict) -> None:
-        self.__dict__.clear()
-        self.__dict__.update(snapshot)
 
     def _trace_prototype(self, *args, **kwargs):
         AutoGuide._setup_prototype(self, *args, **kwargs)
@@ -436,13 +426,9 @@ class AutoFlowGuide(AutoContinuous):
     def architecture(self) -> dict:
         """The settings that give this guide's parameters their meaning (saved in the state
         dict; a state from another architecture is refused naming what differs)."""
-        spec = self._flow_spec
-        return {
-            "flow": spec if isinstance(spec, (str, list, tuple)) else type(spec).__name__,
-            "num_layers": self._num_layers,
-            "hidden_dims": None if self._hidden_dims is None else list(self._hidden_dims),
-            **self._flow_kwargs,
-        }
+        return describe_architecture(
+            self._flow_spec, self._num_layers, self._hidden_dims, self._flow_kwargs
+        )
 
     def get_extra_state(self):
         return {
@@ -461,23 +447,15 @@ class AutoFlowGuide(AutoContinuous):
         """``nn.Module.load_state_dict``, checked first and atomic: a state from another model
         or architecture, with missing or extra entries, wrong shapes or non-finite values is
         refused before any tensor is copied, and the guide is left as it was."""
-        before = self._snapshot()
+        before = snapshot(self)
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except BaseException:
-            self._restore(before)
+            restore(self, before)
             raise
 
     def _prepare_to_load(self, state_dict, prefix, *_):
-        state = state_dict.get(prefix + "_extra_state")
-        if not state or not state.get("layout"):
-            raise ValueError("this state dict does not come from a set-up AutoFlowGuide")
-        if state["base"] != self._base:
-            raise ValueError(
-                f"the state dict is from a guide with base={state['base']!r}, this one has "
-                f"base={self._base!r}"
-            )
-        layout = [(name, tuple(shape)) for name, shape in state["layout"]]
+        state, layout = read_saved_state(state_dict, prefix, self._base)
         if self._layout is not None:
             check_layout(layout, self._layout)
         else:
@@ -489,60 +467,11 @@ class AutoFlowGuide(AutoContinuous):
             # placeholders: the state dict's buffers overwrite them
             laplace = (zeros, torch.eye(self.latent_dim, dtype=dtype))
             self._create_parameters(zeros, laplace if state.get("preconditioned") else None)
-        if state.get("flow") is not None and state["flow"] != repr(self.flow):
-            raise ValueError(
-                "the state dict is from a guide with another flow: "
-                + architecture_difference(state.get("architecture", {}), self.architecture)
-            )
-        if state.get("full_rank") != self.full_rank:
-            kinds = ["full" if f else "diagonal" for f in (state.get("full_rank"), self.full_rank)]
-            raise ValueError(
-                f"the state dict is from a guide with a {kinds[0]} affine, this one is "
-                f"{kinds[1]}; pass affine='{kinds[0]}' to match"
-            )
-        _check_entries(state_dict, self.state_dict(prefix=prefix), prefix)
+        check_same_architecture(state, repr(self.flow), self.architecture, self.full_rank)
+        check_entries(state_dict, self.state_dict(prefix=prefix), prefix)
         # The buffers (center, precond) are loaded either way; whether they are used is the
         # saved guide's choice, not this one's start.
         self.preconditioned = bool(state.get("preconditioned"))
-
-
-def _check_entries(given: dict, expected: dict, prefix: str) -> None:
-    """Every tensor this guide holds is in the state, of its shape, and finite."""
-    extra = sorted(k for k in given if k.startswith(prefix) and k not in expected)
-    if extra:
-        raise ValueError(f"the state dict has entries this guide does not: {extra[:3]}")
-    for key, mine in expected.items():
-        if not torch.is_tensor(mine):
-            continue
-        theirs = given.get(key)
-        if theirs is None:
-            raise ValueError(f"the state dict has no {key!r}: it is incomplete or corrupted")
-        if theirs.shape != mine.shape:
-            raise ValueError(
-                f"the state dict's {key!r} has shape {tuple(theirs.shape)}, this guide's "
-                f"{tuple(mine.shape)}"
-            )
-        if theirs.is_floating_point() and not bool(torch.isfinite(theirs).all()):
-            raise ValueError(f"the state dict's {key!r} has NaN or infinite values (corrupted)")
-
-
-class FlowPosterior(dist.TransformedDistribution):
-    """A guide's posterior: no closed-form moments, and a message that says what to use."""
-
-    def _no_moment(self, what):
-        raise NotImplementedError(
-            f"a flow's posterior has no closed-form {what}; estimate it from draws: "
-            "guide.sample_posterior(n) (constrained sites), guide.quantiles([...]), or "
-            "guide.get_posterior().sample((n,)) for the unconstrained vector"
-        )
-
-    @property
-    def mean(self):
-        self._no_moment("mean")
-
-    @property
-    def variance(self):
-        self._no_moment("variance")
 
 
 # Guides pickled before scoring.py existed hold a FlowInverter under this name.

@@ -1,4 +1,5 @@
-r"""How a guide scores its own draws: live parameters, or stopped ones ("sticking the landing").
+r"""How a guide's posterior scores its own draws: live parameters, or stopped ones ("sticking
+the landing"); and the posterior object itself, which has no closed-form moments.
 
 The STL gradient of the ELBO (Roeder et al. 2017, arXiv:1703.09194) and the DReG gradient of
 the importance-weighted bound score each draw with the guide's parameters stopped, so that
@@ -17,7 +18,13 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-__all__ = ["FlowInverter", "StoppedScore", "check_stopped_scoring", "scoring"]
+__all__ = [
+    "FlowInverter",
+    "FlowPosterior",
+    "StoppedScore",
+    "check_stopped_scoring",
+    "scoring",
+]
 
 
 @contextmanager
@@ -101,3 +108,22 @@ class StoppedScore(dist.TorchDistribution):
 
     def log_prob(self, value):
         return self.log_prob_fn(value)
+
+
+class FlowPosterior(dist.TransformedDistribution):
+    """A guide's posterior: no closed-form moments, and a message that says what to use."""
+
+    def _no_moment(self, what):
+        raise NotImplementedError(
+            f"a flow's posterior has no closed-form {what}; estimate it from draws: "
+            "guide.sample_posterior(n) (constrained sites), guide.quantiles([...]), or "
+            "guide.get_posterior().sample((n,)) for the unconstrained vector"
+        )
+
+    @property
+    def mean(self):
+        self._no_moment("mean")
+
+    @property
+    def variance(self):
+        self._no_moment("variance")

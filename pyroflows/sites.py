@@ -18,7 +18,6 @@ from torch.distributions import biject_to, constraints
 
 __all__ = [
     "Layout",
-    "architecture_difference",
     "arguments_signature",
     "check_dependent_supports",
     "check_latent_site",
@@ -190,19 +189,6 @@ def check_layout(expected: Layout, actual: Layout) -> None:
             "the state dict belongs to a model with other latent sites: it has "
             f"{describe_layout(expected)}, this model has {describe_layout(actual)}"
         )
-
-
-def architecture_difference(saved: dict, current: dict) -> str:
-    """Name the settings in which two guide architectures differ, as ``key=saved (here:
-    current)``; the whole comparison where no setting names it (flows built by the user)."""
-    keys = sorted(set(saved) | set(current), key=str)
-    differ = [k for k in keys if saved.get(k) != current.get(k)]
-    if not differ:
-        return f"saved {saved}, this guide {current}"
-    return ", ".join(
-        f"{k}={saved.get(k, 'default')!r} there ({current.get(k, 'default')!r} here)"
-        for k in differ
-    )
 
 
 def describe_layout(layout: Layout) -> str:
