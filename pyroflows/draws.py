@@ -121,7 +121,7 @@ def draw(
             warnings.warn(
                 f"the model {name!r} does not run vectorised over draws "
                 f"({type(error).__name__}: {str(error).strip().splitlines()[0]}); drawing "
-                f"one at a time, which is several times slower. To vectorise it, "
+                f"sequentially, one at a time, which is several times slower. To vectorise it, "
                 f"{NOT_VECTORISED_HINT}.",
                 stacklevel=3,
             )
