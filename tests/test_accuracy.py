@@ -1,12 +1,16 @@
-"""AutoFlowGuide against exact answers: slower tests (about 30 s together on 2 cores)."""
+"""AutoFlowGuide against exact answers: slower tests (about a minute on 2 cores), run with
+``-m slow``."""
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, init_to_value
 
 from pyroflows import AutoFlowGuide
+
+pytestmark = pytest.mark.slow
 
 
 def fit(model, guide, *args, steps, particles=16, lr=0.03, final_lr=3e-4):

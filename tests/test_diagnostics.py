@@ -168,6 +168,7 @@ def eight_schools(y, sigma):
         pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
 
 
+@pytest.mark.slow  # NUTS, 500 + 500 steps
 def test_neutra_on_centred_eight_schools_matches_the_reference():
     reference = json.loads(
         (Path(__file__).parent / "data" / "eight_schools_centered_reference.json").read_text()

@@ -33,6 +33,7 @@ def test_notebook_is_light_and_ends_with_its_claims(path):
     assert "PYROFLOWS_TUTORIAL_FAST" in code[0].source
 
 
+@pytest.mark.slow  # each notebook executed in a kernel: 30-100 s apiece
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
 def test_notebook_runs_in_fast_mode(path, monkeypatch):
     monkeypatch.setenv("PYROFLOWS_TUTORIAL_FAST", "1")
