@@ -7,6 +7,7 @@ guide, a broken promise of the NaN guard, state loaded into another guide).
 import gc
 import math
 import warnings
+from contextlib import contextmanager
 
 import pyro
 import pyro.distributions as dist
@@ -70,22 +71,17 @@ def test_a_failed_laplace_start_names_the_error_and_the_users_line():
 def test_a_rejected_laplace_search_leaves_no_trace(dtype, seed):
     # In float64, init_loc.double() was init_loc itself: L-BFGS wrote into the start and a
     # rejected search left the guide where it ran off (log tau about -2177).
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
-        sigma = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
+    with default_dtype(dtype):
+        y, sigma = schools_data()
         pyro.set_rng_seed(seed)
         guide = AutoFlowGuide(eight_schools)
         guide(y, sigma)
         pyro.set_rng_seed(seed)
         prior_start = AutoFlowGuide(eight_schools, init="prior", name="prior")
         prior_start(y, sigma)
-        assert not guide.preconditioned
-        assert torch.equal(guide.loc, prior_start.loc)
-        assert guide.loc.abs().max() < 10
-    finally:
-        torch.set_default_dtype(old)
+    assert not guide.preconditioned
+    assert torch.equal(guide.loc, prior_start.loc)
+    assert guide.loc.abs().max() < 10
 
 
 def funnel():
@@ -99,20 +95,29 @@ def funnel():
 def test_the_default_fit_is_as_sound_in_float64_as_in_float32(dtype, seed):
     # In float64 the rejected Laplace search used to leave the guide where it ran off: fit
     # stopped at step 1 ("Normal(loc: 51.96, scale: 0.0)") or ended 1e60 sds away.
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
-        sigma = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
-        for model, args in ((eight_schools, (y, sigma)), (funnel, ())):
+    with default_dtype(dtype):
+        for model, args in ((eight_schools, schools_data()), (funnel, ())):
             pyro.clear_param_store()
             guide = AutoFlowGuide(model)
             fit(model, guide, *args, num_steps=100, seed=seed, **QUIET)
             draws = guide.sample_posterior(2000)
             first = draws["mu"] if "mu" in draws else draws["v"]
             assert abs(first.mean()) < 15 and 0.3 < first.std() < 15, (model, first.mean())
+
+
+@contextmanager
+def default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
     finally:
         torch.set_default_dtype(old)
+
+
+def schools_data():
+    y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
+    return y, torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
 
 
 def eight_schools(y, sigma):
