@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyro.distributions as dist
 import torch
@@ -48,10 +48,19 @@ class DensityFit:
             (``None`` when no validation data were given).
     """
 
-    losses: list[float]
+    losses: list[float] = field(repr=False)  # thousands of numbers: summarised below
     num_steps: int
     wall_time: float
     validation_loss: float | None = None
+
+    def __repr__(self) -> str:
+        validation = (
+            "" if self.validation_loss is None else f", validation {self.validation_loss:.4g}"
+        )
+        return (
+            f"DensityFit({self.num_steps} steps in {self.wall_time:.1f} s, final loss "
+            f"{self.final_loss:.4g}{validation})"
+        )
 
     @property
     def final_loss(self) -> float:

@@ -182,3 +182,10 @@ def test_non_finite_loss_raises_fit_error_and_keeps_parameters():
     after = flow.state_dict()
     assert all(torch.equal(after[k], poisoned[k]) for k in after)
     assert not all(torch.equal(before[k], poisoned[k]) for k in before)
+
+
+def test_a_density_fit_prints_a_summary_not_every_loss():
+    result = Flow(2, hidden_dims=[8]).fit(torch.randn(50, 2), num_steps=30, progress=False)
+    text = repr(result)
+    assert text.startswith("DensityFit(30 steps") and "final loss" in text
+    assert len(text) < 120 and len(result.losses) == 30
