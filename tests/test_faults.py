@@ -90,6 +90,7 @@ def funnel():
         pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2)))
 
 
+@pytest.mark.slow  # four fits; the fast suite keeps the setup-level check above
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_default_fit_is_as_sound_in_float64_as_in_float32(dtype, seed):
