@@ -25,6 +25,7 @@ from pyro.optim import PyroOptim
 
 from . import distributed as dist_
 from .diagnostics import psis_diagnostic
+from .guides import AutoFlowGuide
 from .objectives import ImportanceWeightedELBO
 from .progress import FitError, Progress, check_setting
 from .schedule import Schedule
@@ -58,6 +59,8 @@ class FitResult:
         converged: whether the convergence rule ended the run (``pyroflows.schedule``).
         wall_time: seconds spent in the loop.
         reason: why the run ended, in words.
+        setup_time: seconds spent setting the guide up before the first step (an
+            ``AutoFlowGuide``'s Laplace start can take seconds), not part of ``wall_time``.
         diagnostic: the PSIS diagnostic of the fitted guide (``None`` if not computed).
     """
 
@@ -69,6 +72,7 @@ class FitResult:
     reason: str
     lr_history: list[float] = field(default_factory=list, repr=False)
     diagnostic: object = None
+    setup_time: float = 0.0
 
     @property
     def final_loss(self) -> float:
@@ -85,9 +89,10 @@ class FitResult:
 
     def summary(self) -> str:
         state = "converged" if self.converged else "not converged"
+        setup = f" after {self.setup_time:.1f} s of setup" if self.setup_time >= 0.05 else ""
         text = (
-            f"{self.num_steps} steps in {self.wall_time:.1f} s, final ELBO {self.elbo:.4g} "
-            f"(mean of the last steps); {state}: {self.reason}"
+            f"{self.num_steps} steps in {self.wall_time:.1f} s{setup}, final ELBO "
+            f"{self.elbo:.4g} (mean of the last steps); {state}: {self.reason}"
         )
         if self.diagnostic is not None:
             text += f"\n{self.diagnostic.summary()}"
@@ -215,6 +220,7 @@ def fit(
     if distributed:
         update.setup_guide(guide, args, kwargs)
     report = Progress(progress, num_steps)
+    setup_time = 0.0 if distributed else _set_up(guide, args, kwargs, report)
     losses: list[float] = []
     lr_history: list[float] = []
     reason = None
@@ -243,11 +249,28 @@ def fit(
         wall_time=time.perf_counter() - start,
         reason=reason or schedule.reason,
         lr_history=lr_history,
+        setup_time=setup_time,
     )
     if diagnose:
         result.diagnostic = _diagnose(model, guide, args, kwargs)
     report.finish(result)
     return result
+
+
+def _set_up(guide, args, kwargs, report: Progress) -> float:
+    """Set an ``AutoFlowGuide`` up before the first step, so that its cost and its start
+    show in the progress display rather than as a silent first step."""
+    if not isinstance(guide, AutoFlowGuide) or guide.prototype_trace is not None:
+        return 0.0
+    try:
+        start = time.perf_counter()
+        guide.setup(*args, **kwargs)
+    except BaseException:
+        report.close()
+        raise
+    seconds = time.perf_counter() - start
+    report.note(f"{type(guide).__name__} set up in {seconds:.1f} s: {guide.start_description}")
+    return seconds
 
 
 def _model_kwargs(model, kwargs: dict, model_kwargs: dict | None) -> dict:

@@ -206,10 +206,15 @@ class AutoFlowGuide(AutoContinuous):
             init_loc = self._init_loc()
             laplace = None
             explicit = self._init == "auto" and getattr(self, "_explicit_start", False)
+            self.start_description = "prior start (init='prior')"
+            if explicit:
+                self.start_description = "warm start (an explicit init_loc_fn or init_scale)"
             if self._init != "prior" and not explicit:
                 start = self._laplace_start(init_loc, args, kwargs)
+                self.start_description = f"prior start (no sound Laplace start: {start.reason})"
                 if start.ok:
                     laplace = start.mode, start.precond
+                    self.start_description = "Laplace start"
                 elif self._init == "laplace":
                     warnings.warn(
                         f"AutoFlowGuide: no sound Laplace start for this model ({start.reason}); "
@@ -217,6 +222,20 @@ class AutoFlowGuide(AutoContinuous):
                         stacklevel=4,
                     )
             self._create_parameters(init_loc, laplace)
+
+    def setup(self, *args, **kwargs) -> AutoFlowGuide:
+        """Trace the model and create the parameters now, with the model's arguments (the
+        first call does it otherwise); ``start_description`` then says how it started.
+
+        Example:
+            >>> def model():
+            ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+            >>> AutoFlowGuide(model).setup().start_description
+            'Laplace start'
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        return self
 
     def _laplace_start(self, init_loc: Tensor, args, kwargs) -> LaplaceStart:
         """The Laplace start on ``-log p(x, z(u)) - log|dz/du|`` (``pyroflows.laplace``)."""

@@ -67,6 +67,13 @@ class Progress:
                 file=sys.stderr,
             )
 
+    def note(self, text: str) -> None:
+        """A line of its own (above the bar), e.g. what the setup did and how long it took."""
+        if self.mode == "bar":
+            self.bar.write(f"fit: {text}", file=sys.stderr)
+        elif self.mode == "log":
+            print(f"fit: {text}", file=sys.stderr)
+
     def close(self):
         if self.mode == "bar":
             self.bar.close()

@@ -264,3 +264,15 @@ def test_bad_arguments():
         fit(normal_mean, AutoNormal(normal_mean), torch.randn(3), num_steps=0, **QUIET)
     with pytest.raises(ValueError, match="progress"):
         fit(normal_mean, AutoNormal(normal_mean), torch.randn(3), progress="yes", diagnose=False)
+
+
+def test_the_setup_reports_its_start_and_its_time(capsys):
+    y = torch.randn(20) + 1.0
+    guide = AutoFlowGuide(normal_mean, hidden_dims=[8])
+    result = fit(normal_mean, guide, y, num_steps=20, progress="log", diagnose=False)
+    err = capsys.readouterr().err
+    assert "AutoFlowGuide set up in" in err and "Laplace start" in err
+    assert result.setup_time > 0 and guide.start_description == "Laplace start"
+    prior = AutoFlowGuide(normal_mean, init="prior", name="prior")
+    fit(normal_mean, prior, y, num_steps=5, progress="log", diagnose=False)
+    assert "prior start (init='prior')" in capsys.readouterr().err
