@@ -114,7 +114,7 @@ def draw(
                 _vectorized(model, guide, args, kwargs, n, sites, mpn, predictive)
                 for n in _chunks(num_samples, chunk_size)
             ]
-        except Exception as error:  # any failure to broadcast: go draw by draw
+        except (RuntimeError, ValueError, IndexError) as error:  # does not broadcast: one by one
             # One line, the same for every call on this model (so shown once): the error's
             # first line, not Pyro's trace-shape table.
             name = getattr(model, "__name__", type(model).__name__)

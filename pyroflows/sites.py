@@ -9,6 +9,7 @@ setup, naming the site and the fix, rather than fitting them silently wrong.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from pyro import poutine
@@ -118,7 +119,14 @@ def check_dependent_supports(model, prototype_trace, args, kwargs) -> None:
     try:
         conditioned = poutine.condition(model, data=moved)
         trace = poutine.block(poutine.trace(conditioned).get_trace)(*args, **kwargs)
-    except Exception:  # the model may reject the perturbed point; then we cannot tell
+    except (ValueError, RuntimeError) as error:  # the model refuses the moved point
+        warnings.warn(
+            "AutoFlowGuide: could not check whether a latent's support depends on other "
+            f"latents: the model raised at a moved point ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0]}). If one does (b ~ Uniform(0, 1 - a)), "
+            "the guide will draw outside it; reparametrise such a site.",
+            stacklevel=5,
+        )
         return
     for name, site in prototype_trace.iter_stochastic_nodes():
         before = _support_key(site["fn"].support)

@@ -204,8 +204,8 @@ def _find_nonfinite_site(model, guide, args, kwargs, attempts):
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
                 *args, **kwargs
             )
-        except Exception:  # the failure itself may be the non-finite value
-            return None, ""
+        except (ValueError, RuntimeError) as error:  # the failure may be the non-finite value
+            return None, f"re-running guide and model raised {type(error).__name__}: {error}"
         for name, site in model_trace.nodes.items():  # data first: the same at every re-run
             if site["type"] == "sample" and site["is_observed"] and _nonfinite(site["value"]):
                 return name, f"the observed data of site {name!r} contain NaN or infinite values"
@@ -217,7 +217,7 @@ def _find_nonfinite_site(model, guide, args, kwargs, attempts):
                     return name, f"the value of site {name!r} is not finite"
                 try:
                     log_prob = site["fn"].log_prob(site["value"])
-                except Exception:  # any failure to score names this site
+                except (ValueError, RuntimeError, NotImplementedError):  # names this site
                     return name, f"the density of site {name!r} cannot be evaluated"
                 if _nonfinite(torch.as_tensor(log_prob)):
                     return name, f"the log density of site {name!r} is not finite"

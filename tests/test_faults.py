@@ -474,3 +474,27 @@ def test_moment_matching_on_a_model_that_cannot_batch_draws_says_it_was_skipped(
     guide = AutoNormal(ar1_sliced, init_loc_fn=far, init_scale=0.05)  # adaptation is wanted
     with pytest.warns(UserWarning, match="resampling without it"):
         importance_resample(ar1_sliced, guide, y, num_samples=200, seed=0)
+
+
+def test_a_dependent_support_is_found_even_when_validation_rejects_the_probe():
+    # The probe moves every latent, so b's moved value lies outside its moved support
+    # (a, a + 0.001): the check must still find the dependence, validation on or off.
+    def model():
+        a = pyro.sample("a", dist.Uniform(0.0, 1.0))
+        pyro.sample("b", dist.Uniform(a, a + 0.001))
+
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match=r"'b'.*depends on"):
+        AutoFlowGuide(model, init="prior")()
+
+
+def test_a_support_check_the_model_refuses_is_reported_not_skipped_silently():
+    seen = []
+
+    def picky():  # raises at any point but the first one it saw
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        if seen and not torch.equal(a, seen[0]):
+            raise RuntimeError("picky model")
+        seen.append(a.detach())
+
+    with pytest.warns(UserWarning, match="could not check.*picky model"):
+        AutoFlowGuide(picky, init="prior").setup()
