@@ -27,6 +27,11 @@ __all__ = ["PSISResult", "effective_sample_size", "khat_threshold", "psis"]
 
 MIN_TAIL_DRAWS = 25  # the fewest draws whose largest fifth holds the 5 a Pareto fit needs
 
+# Weights within 1e-4 nats (0.01%) of each other are equal for every estimate they serve:
+# an exact proposal evaluated in float32 differs from a constant only by rounding, a few
+# distinct values, on which a Pareto fit degenerates.
+NO_SPREAD = 1e-4
+
 
 def khat_threshold(num_samples: int) -> float:
     """The sample-size dependent k-hat threshold ``min(1 - 1/log10(S), 0.7)``.
@@ -66,7 +71,7 @@ def psis(log_weights: Tensor) -> tuple[Tensor, float]:
         order = torch.argsort(log_w)
         tail_idx = order[-tail_len:]
         cutoff = log_w[order[-tail_len - 1]]
-        if torch.isfinite(cutoff) and float(log_w[tail_idx].max() - cutoff) < 1e-6:
+        if torch.isfinite(cutoff) and float(log_w[tail_idx].max() - cutoff) < NO_SPREAD:
             k = -math.inf  # the tail has no spread: bounded weights, nothing to smooth
         elif torch.isfinite(cutoff):
             exceed = log_w[tail_idx].exp() - cutoff.exp()
