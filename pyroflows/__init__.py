@@ -5,6 +5,7 @@ from .density import DensityFit, Flow
 from .diagnostics import importance_resample, log_evidence, psis_diagnostic
 from .fit import FitError, FitResult, fit
 from .guides import AutoFlowGuide, init_to_median
+from .inference import Posterior, infer
 from .neutra import neutra
 from .objectives import ImportanceWeightedELBO
 from .psis import khat_threshold, psis
@@ -18,9 +19,11 @@ __all__ = [
     "FitResult",
     "Flow",
     "ImportanceWeightedELBO",
+    "Posterior",
     "distributed",
     "fit",
     "importance_resample",
+    "infer",
     "init_to_median",
     "khat_threshold",
     "log_evidence",

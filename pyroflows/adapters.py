@@ -5,7 +5,8 @@ Pyro's param store is global: a second guide with the same parameter names would
 pick up the first one's values. ``AutoFlowGuide`` therefore takes a name no live guide and no
 stored parameter uses, and checks once that the store holds its own tensors. Data-parallel
 ``fit`` sets a guide up on a scaled model, which means swapping the model an autoguide holds.
-Atomic setup and loading restore a module's attribute dictionary after a failure.
+Atomic setup and loading restore a module's attribute dictionary after a failure. A NUTS
+chain run to a deadline ends its warm-up early through the kernel's own schedule.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor
 __all__ = [
     "check_param_store",
     "claim_param_name",
+    "end_warmup",
     "guide_model_wrapped",
     "restore",
     "snapshot",
@@ -94,3 +96,9 @@ def snapshot(module) -> dict:
 def restore(module, saved: dict) -> None:
     module.__dict__.clear()
     module.__dict__.update(saved)
+
+
+def end_warmup(kernel, iterations: int) -> None:
+    """Make ``iterations`` the end of a Pyro HMC/NUTS kernel's warm-up: later iterations
+    neither adapt nor count as warm-up (Pyro's kernels have no public way to do this)."""
+    kernel._warmup_steps = iterations

@@ -189,7 +189,8 @@ def from_importance_resample(result) -> az.InferenceData:
     return _build(draws, groups, attrs, chains=1)
 
 
-def from_neutra(model, guide, args, kwargs, latent, chains, draws_per_chain, mcmc):
+def from_neutra(model, guide, args, kwargs, latent, chains, draws_per_chain, divergent):
+    """NeuTra draws as chains; ``divergent[c]`` lists chain ``c``'s divergent draws."""
     probe = draw(model, guide, args, kwargs, 1)
     posterior, log_likelihood = dict(latent), {}
     try:
@@ -209,10 +210,9 @@ def from_neutra(model, guide, args, kwargs, latent, chains, draws_per_chain, mcm
         log_likelihood = evaluated["log_likelihood"]
     groups = {"posterior": posterior, "log_likelihood": log_likelihood}
     groups = {k: v for k, v in groups.items() if v}
-    stats = mcmc.diagnostics().get("divergences", {})
     diverging = np.zeros((chains, draws_per_chain), dtype=bool)
     for c in range(chains):
-        diverging[c, stats.get(f"chain {c}", [])] = True
+        diverging[c, list(divergent[c])] = True
     attrs = {"inference_library": "pyroflows", "inference_method": "NeuTra NUTS"}
     idata = _build(probe, groups, attrs, chains)
     idata.add_groups(sample_stats={"diverging": diverging})

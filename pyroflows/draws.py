@@ -31,6 +31,7 @@ __all__ = [
     "evaluate_at",
     "is_shape_error",
     "log_joint_at",
+    "runs_vectorised",
     "sum_per_draw",
 ]
 
@@ -137,6 +138,23 @@ def draw(
         cat["predictive"],
         mpn,
     )
+
+
+@torch.no_grad()
+def runs_vectorised(model, guide, args=(), kwargs=None, num: int = 8) -> bool:
+    """Whether ``model`` and ``guide`` run vectorised over a leading plate of ``num`` draws
+    (as ``draw``, multi-particle objectives and moment matching need). Try it with the
+    number that will be used: a model can broadcast by accident where that number equals
+    one of its own sizes."""
+    kwargs = kwargs or {}
+    with scoring(guide, stopped=False):
+        guide_trace, model_trace = _traces(model, guide, args, kwargs)
+        sites, mpn = _site_infos(model_trace, guide_trace)
+        try:
+            _vectorized(model, guide, args, kwargs, num, sites, mpn, False)
+        except (RuntimeError, ValueError, IndexError):  # as draw(): then one draw at a time
+            return False
+    return True
 
 
 @torch.no_grad()

@@ -9,8 +9,6 @@ ending the run as converged after the last reduction), with the display of
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 import time
 import warnings
@@ -24,6 +22,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.optim import PyroOptim
 
 from . import distributed as dist_
+from .calls import model_keywords
 from .diagnostics import psis_diagnostic
 from .guides import AutoFlowGuide
 from .objectives import ImportanceWeightedELBO
@@ -192,7 +191,7 @@ def fit(
         >>> result.num_steps <= 300, abs(result.guide.median()["mu"] - y.mean()) < 0.3
         (True, tensor(True))
     """
-    kwargs = _model_kwargs(model, kwargs, model_kwargs)
+    kwargs = model_keywords(fit, model, kwargs, model_kwargs)
     check_setting("fit", "num_steps", num_steps, integer=True)
     check_setting("fit", "lr", lr)
     window = window or min(max(num_steps // 40, 100), 250)
@@ -271,40 +270,6 @@ def _set_up(guide, args, kwargs, report: Progress) -> float:
     seconds = time.perf_counter() - start
     report.note(f"{type(guide).__name__} set up in {seconds:.1f} s: {guide.start_description}")
     return seconds
-
-
-def _model_kwargs(model, kwargs: dict, model_kwargs: dict | None) -> dict:
-    """The model's keywords: those ``fit`` does not take, and ``model_kwargs``. A keyword
-    that is neither ``fit``'s nor the model's is refused here, where a misspelling of one of
-    ``fit``'s (``num_step=``) would otherwise reach the model or be lost."""
-    unknown = [k for k in kwargs if not _takes_keyword(model, k)]
-    if unknown:
-        known = [*inspect.signature(fit).parameters, *_keywords(model)]
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TypeError(f"fit: keyword {unknown[0]!r} is neither fit's nor the model's{hint}")
-    if not model_kwargs:
-        return kwargs
-    clash = set(model_kwargs) & set(kwargs)
-    if clash:
-        raise TypeError(f"model keywords given twice: {sorted(clash)}")
-    return {**kwargs, **model_kwargs}
-
-
-def _keywords(model) -> list[str]:
-    try:
-        params = inspect.signature(model).parameters.values()
-    except (TypeError, ValueError):  # no signature to read (a builtin): accept every keyword
-        return []
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def _takes_keyword(model, name: str) -> bool:
-    try:
-        params = inspect.signature(model).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return name in _keywords(model) or any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _objective(loss, num_particles, guide):

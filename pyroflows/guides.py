@@ -235,6 +235,7 @@ class AutoFlowGuide(AutoContinuous):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+            self._create_plates(*args, **kwargs)  # as a first call would: NeuTra needs them
         return self
 
     def _laplace_start(self, init_loc: Tensor, args, kwargs) -> LaplaceStart:

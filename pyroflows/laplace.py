@@ -131,7 +131,7 @@ def _minimise(energy: Energy, u: Tensor) -> Tensor:
     optimizer = torch.optim.LBFGS(
         [u],
         lr=1.0,
-        max_iter=500,
+        max_iter=150,
         tolerance_grad=1e-9,
         tolerance_change=1e-12,
         history_size=20,

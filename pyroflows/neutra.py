@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.infer.reparam import NeuTraReparam
+from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
-__all__ = ["neutra"]
+from .adapters import end_warmup
+
+__all__ = ["NeutraChain", "neutra", "neutra_chain"]
 
 
 def neutra(
@@ -50,18 +59,10 @@ def neutra(
         Hoffman, Sountsov, Dillon, Langmore, Tran & Vasudevan (2019), NeuTra-lizing Bad
         Geometry in Hamiltonian Monte Carlo Using Neural Transport, arXiv:1903.03704.
     """
-    if not isinstance(guide, AutoContinuous):
-        raise TypeError(
-            f"neutra needs an AutoContinuous guide (e.g. AutoFlowGuide), got {type(guide).__name__}"
-        )
-    if getattr(guide, "prototype_trace", None) is None:
-        raise RuntimeError("neutra: fit the guide first (it has not seen the model)")
+    _check_guide(guide)
     if seed is not None:
         pyro.set_rng_seed(seed)
-    grads = {p: p.requires_grad for p in guide.parameters()}
-    for p in grads:
-        p.requires_grad_(False)
-    try:
+    with _frozen(guide):
         reparam = NeuTraReparam(guide)
         reparam_model = poutine.reparam(model, config=lambda _: reparam)
         kernel = NUTS(reparam_model, jit_compile=jit, ignore_jit_warnings=True)
@@ -76,19 +77,146 @@ def neutra(
         samples = mcmc.get_samples(group_by_chain=True)
         (shared,) = [v for k, v in samples.items() if k.endswith("_shared_latent")]
         chains, draws_per_chain = shared.shape[:2]
-        with torch.no_grad():
-            flat = shared.reshape(chains * draws_per_chain, -1)
-            if hasattr(guide, "latent_to_sites"):
-                latent = guide.latent_to_sites(guide.get_transform()(flat))
-            else:  # another AutoContinuous: Pyro's map, reshaped to a plain leading dim
-                nodes = guide.prototype_trace.nodes
-                latent = {
-                    n: v.reshape((flat.shape[0], *nodes[n]["value"].shape))
-                    for n, v in reparam.transform_sample(flat).items()
-                }
+        latent = _to_sites(guide, reparam, shared.reshape(chains * draws_per_chain, -1))
+    divergences = mcmc.diagnostics().get("divergences", {})
+    divergent = [divergences.get(f"chain {c}", []) for c in range(chains)]
+    from .arviz import from_neutra  # ArviZ takes a second to import: only when needed
+
+    return from_neutra(model, guide, args, kwargs, latent, chains, draws_per_chain, divergent)
+
+
+@dataclass
+class NeutraChain:
+    """One NeuTra chain: draws of the latent sites and what says how far to trust them.
+
+    Attributes:
+        samples: ``{site: (num_draws, *shape)}``.
+        num_draws, warmup_steps: draws kept, and warm-up iterations run.
+        divergences: indices of divergent transitions among the kept draws.
+        r_hat: the largest split R-hat over the flow's base coordinates.
+        ess: the smallest bulk effective sample size over them.
+        seconds: wall time of the chain (tracing and compilation included).
+        stopped: why the chain ended before ``num_samples`` draws, or ``""``.
+    """
+
+    samples: dict = field(repr=False)
+    num_draws: int
+    warmup_steps: int
+    divergences: list
+    r_hat: float
+    ess: float
+    seconds: float
+    stopped: str = ""
+
+
+def neutra_chain(
+    model,
+    guide,
+    args=(),
+    kwargs=None,
+    *,
+    num_samples: int = 1000,
+    warmup_steps: int = 500,
+    deadline: float | None = None,
+    jit: bool = True,
+    target_accept_prob: float = 0.8,
+) -> NeutraChain:
+    """One NeuTra NUTS chain driven step by step, so that it can end at a deadline.
+
+    ``deadline`` is a ``time.perf_counter()`` value: past it, warm-up ends early and the
+    chain keeps the draws it has (at least ten are needed for a diagnostic). The chain starts
+    at a draw of the flow's base distribution: the fitted guide's own typical set.
+    ``target_accept_prob`` is NUTS's (higher: smaller steps, fewer divergences).
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> from pyroflows import AutoFlowGuide
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(1.0, 2.0))
+        >>> guide = AutoFlowGuide(model).setup()   # the Laplace start: exact here
+        >>> chain = neutra_chain(model, guide, num_samples=200, warmup_steps=100, jit=False)
+        >>> chain.num_draws, chain.samples["x"].shape
+        (200, torch.Size([200]))
+    """
+    _check_guide(guide)
+    kwargs = kwargs or {}
+    start = time.perf_counter()
+    with _frozen(guide):
+        reparam = NeuTraReparam(guide)
+        reparam_model = poutine.reparam(model, config=lambda _: reparam)
+        kernel = NUTS(
+            reparam_model,
+            jit_compile=jit,
+            ignore_jit_warnings=True,
+            init_strategy=init_to_sample,
+            target_accept_prob=target_accept_prob,
+        )
+        with warnings.catch_warnings():
+            # Pyro's jit_compile calls torch.jit.trace, deprecated in torch 2.13 but working;
+            # the user did not call it and cannot act on the warning.
+            warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", DeprecationWarning)
+            kernel.setup(warmup_steps, *args, **kwargs)
+        try:
+            params = kernel.initial_params
+            (name,) = [k for k in params if k.endswith("_shared_latent")]
+            warmup, stopped = 0, ""
+            while warmup < warmup_steps:
+                params = kernel.sample(params)
+                warmup += 1
+                if deadline is not None and time.perf_counter() > deadline:
+                    stopped = f"the time budget ended warm-up after {warmup} iterations"
+                    break
+            # An adaptation cut short still leaves a valid chain (the kernel stops adapting):
+            # skipping the rest of warm-up is honest as long as the diagnostics say so.
+            end_warmup(kernel, warmup)
+            draws = []
+            while len(draws) < num_samples:
+                params = kernel.sample(params)
+                draws.append(params[name].detach().clone())
+                if deadline is not None and time.perf_counter() > deadline and len(draws) >= 10:
+                    stopped = stopped or f"the time budget ended the chain at {len(draws)} draws"
+                    break
+            divergences = list(kernel.diagnostics()["divergences"])
+        finally:
+            kernel.cleanup()
+        shared = torch.stack(draws)
+        latent = _to_sites(guide, reparam, shared)
+    base = shared.double().unsqueeze(0)  # (chain, draw, dim)
+    r_hat = float(split_gelman_rubin(base, chain_dim=0, sample_dim=1).max())
+    ess = float(effective_sample_size(base, chain_dim=0, sample_dim=1).min())
+    seconds = time.perf_counter() - start
+    return NeutraChain(latent, len(draws), warmup, divergences, r_hat, ess, seconds, stopped)
+
+
+def _check_guide(guide):
+    if not isinstance(guide, AutoContinuous):
+        raise TypeError(
+            f"neutra needs an AutoContinuous guide (e.g. AutoFlowGuide), got {type(guide).__name__}"
+        )
+    if getattr(guide, "prototype_trace", None) is None:
+        raise RuntimeError("neutra: fit the guide first (it has not seen the model)")
+
+
+@contextmanager
+def _frozen(guide):
+    """The guide's parameters without gradients while NUTS runs, restored afterwards."""
+    grads = {p: p.requires_grad for p in guide.parameters()}
+    for p in grads:
+        p.requires_grad_(False)
+    try:
+        yield
     finally:
         for p, flag in grads.items():
             p.requires_grad_(flag)
-    from .arviz import from_neutra  # ArviZ takes a second to import: only when needed
 
-    return from_neutra(model, guide, args, kwargs, latent, chains, draws_per_chain, mcmc)
+
+@torch.no_grad()
+def _to_sites(guide, reparam, flat):
+    """Base-space draws ``(N, dim)`` -> ``{site: (N, *shape)}`` in the model's space."""
+    if hasattr(guide, "latent_to_sites"):
+        return guide.latent_to_sites(guide.get_transform()(flat))
+    nodes = guide.prototype_trace.nodes  # another AutoContinuous: Pyro's map, reshaped
+    return {
+        n: v.reshape((flat.shape[0], *nodes[n]["value"].shape))
+        for n, v in reparam.transform_sample(flat).items()
+    }

@@ -1,0 +1,460 @@
+r"""``infer``: a posterior in one call, escalating from cheap answers to exact ones.
+
+The route (``benchmarks/RESULTS.md``, "infer: the route" has the measurements behind it):
+
+1. ``laplace``: the guide's Laplace start, ``N(mode, H^-1)`` in the unconstrained space,
+   importance-resampled (Pathfinder's lesson: a near-Gaussian posterior needs no long
+   optimisation). Skipped where the model has no sound mode (a funnel).
+2. ``fit``: the default flow fitted by ``fit`` (ELBO, early stopping), importance-resampled.
+3. ``dreg``: the same flow refitted on the importance-weighted bound with 8 particles and
+   DReG gradients (mass-covering), importance-resampled with moment matching.
+4. ``neutra``: NUTS in the flow's space (``neutra_chain``): asymptotically exact, cheap
+   when the flow is good, and the answer whenever importance weights cannot be trusted.
+
+An importance-resampled answer is accepted when PSIS k-hat is below 0.5 (finite variance of
+the weights; PSIS's own 0.7 let a wrong funnel answer through) and the weights' effective
+sample size reaches ``min_ess`` (more proposals are drawn once if k-hat is fine but the ESS
+falls short). A NeuTra chain is
+accepted when its split R-hat is below 1.01, its bulk ESS at least 400 (Vehtari et al. 2021,
+arXiv:1903.08008) and it had no divergence.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import pyro
+
+from .calls import model_keywords
+from .diagnostics import importance_resample
+from .draws import NOT_VECTORISED_HINT, runs_vectorised
+from .fit import fit
+from .guides import AutoFlowGuide
+from .neutra import neutra_chain
+from .progress import check_setting
+from .transforms import invertible
+
+__all__ = ["STAGES", "Posterior", "Route", "Stage", "infer"]
+
+STAGES = ("laplace", "fit", "dreg", "neutra")
+PROPOSALS = 4000  # guide draws weighed per check (at least num_samples)
+SEQUENTIAL_PROPOSALS = 1000  # for a model that does not broadcast over draws
+MAX_PROPOSALS = 40_000  # when k-hat is fine but the ESS short: draw up to this many
+R_HAT_LIMIT = 1.01
+NEUTRA_MIN_SECONDS = 10.0  # a chain needs its warm-up: not started with less time left
+NEUTRA_TARGET_ACCEPT = 0.9  # smaller steps where the flow leaves curvature (funnel necks)
+MCMC_MIN_ESS = 400  # Vehtari et al. (2021)'s bulk-ESS rule for MCMC draws
+# Resampled draws are accepted below this k-hat (finite variance of the weights), not at
+# PSIS's 0.7: on Neal's funnel a dreg fit passed 0.7 at k-hat 0.57 with a log sd off by 0.24
+# (``benchmarks/RESULTS.md``, "infer: the route").
+ACCEPT_KHAT = 0.5
+# A fit stops early once k-hat (on as many draws as the acceptance check uses: on 1000 it
+# read 0.5 where 4000 read 0.73, on centred eight schools) is below the acceptance level.
+CHECK_EVERY = 500
+PARTICLES = 8  # of the dreg stage (benchmarks/RESULTS.md: K=8 met 10 of 14 posteriors)
+FIT_STEPS, DREG_STEPS = 5000, 3000  # the benchmark's budget; the plateau rule ends most sooner
+
+
+@dataclass
+class Stage:
+    """One stage of the route: what ran, how long it took, what it found, what came next."""
+
+    name: str
+    seconds: float
+    outcome: str
+    accepted: bool = False
+
+    def __str__(self) -> str:
+        mark = "accepted" if self.accepted else "not accepted"
+        return f"{self.name:<8} {self.seconds:7.1f} s  {mark}: {self.outcome}"
+
+
+@dataclass
+class Route:
+    """Every stage ``infer`` ran, with its wall time, and what the final draws are."""
+
+    stages: list[Stage] = field(default_factory=list)
+    label: str = ""
+    approximate: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.stages)
+
+    def __str__(self) -> str:
+        lines = [f"infer: {self.label} ({self.seconds:.1f} s)"]
+        lines += [f"  {s}" for s in self.stages]
+        if self.approximate:
+            lines.append("  The draws are approximate: no stage reached its acceptance rule.")
+        return "\n".join(lines)
+
+
+@dataclass
+class Posterior:
+    """What ``infer`` returns.
+
+    Attributes:
+        samples: ``{site: (num_samples, *shape)}`` constrained draws of the latent sites
+            (and deterministic sites where the model runs vectorised over draws).
+        kind: ``"mcmc"`` (NeuTra NUTS draws) or ``"resampled"`` (PSIS-resampled guide
+            draws).
+        diagnostics: ``k_hat`` and ``ess`` (importance weights), and for MCMC ``r_hat``,
+            ``ess`` (bulk) and ``divergences``.
+        route: the stages run, their times and why each next one was needed.
+        guide: the fitted ``AutoFlowGuide``.
+    """
+
+    samples: dict
+    kind: str
+    diagnostics: dict
+    route: Route
+    guide: object = field(repr=False)
+    source: object = field(repr=False, default=None)
+    model: object = field(repr=False, default=None)
+    args: tuple = field(repr=False, default=())
+    kwargs: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.route.label
+
+    def to_inference_data(self):
+        """The draws as ``arviz.InferenceData``. MCMC draws form a chain (R-hat and ESS
+        mean what they do for MCMC); resampled draws sit in one pseudo-chain that
+        ``summary`` reports with ``kind="stats"`` only (``docs/guide/k-hat.md``)."""
+        from .arviz import from_neutra
+
+        if self.kind == "mcmc":
+            n = self.source.num_draws
+            divergent = [self.source.divergences]
+            return from_neutra(
+                self.model, self.guide, self.args, self.kwargs, self.source.samples, 1, n, divergent
+            )
+        return self.source.to_inference_data()
+
+    def summary(self):
+        """``arviz.summary`` of the draws: with R-hat and ESS for MCMC, ``kind="stats"``
+        (mean, sd, HDI) for importance-resampled draws."""
+        import arviz as az
+
+        kind = "all" if self.kind == "mcmc" else "stats"
+        return az.summary(self.to_inference_data(), kind=kind)
+
+    def __str__(self) -> str:
+        return str(self.route)
+
+
+def infer(
+    model,
+    *args,
+    num_samples: int = 1000,
+    guide=None,
+    seed: int | None = None,
+    progress: bool = True,
+    time_budget: float | None = None,
+    stages=STAGES,
+    min_ess: int | None = None,
+    model_kwargs: dict | None = None,
+    **kwargs,
+) -> Posterior:
+    r"""A posterior for ``model`` in one call: the cheapest answer that passes its checks.
+
+    Runs the route of this module's docstring, stopping at the first stage whose draws pass
+    their check, and says in ``Posterior.route`` what ran, how long each stage took and why
+    the next one was needed.
+
+    Arguments:
+        model: a Pyro model; ``args`` and ``kwargs`` are its arguments (a keyword that
+            collides with one of ``infer``'s goes in ``model_kwargs={...}``).
+        num_samples: draws returned.
+        guide: an ``AutoFlowGuide`` to use (default: ``AutoFlowGuide(model)``); it is fitted
+            in place, so a fitted one continues from where it is.
+        seed: seeds Pyro's random state first, for a reproducible answer.
+        progress: stage lines and ``fit``'s progress display on stderr.
+        time_budget: seconds for the whole call; stages that no longer fit are skipped,
+            and the best draws so far returned, with a warning that they are approximate.
+        stages: the stages allowed, in order (a subset of ``STAGES``).
+        min_ess: effective sample size an answer must reach (default:
+            ``min(max(num_samples // 4, 400), 2000)``: 400 as for MCMC, more where many
+            draws are asked for, since their precision is that of the ESS).
+
+    Returns:
+        a ``Posterior``: ``samples``, ``kind``, ``diagnostics``, ``route``, ``guide``,
+        ``to_inference_data()``, ``summary()``.
+
+    Example:
+        >>> import torch, pyro.distributions as dist
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.tensor([0.9, 1.4, 0.4, 1.3])
+        >>> posterior = infer(model, y, seed=0, progress=False)
+        >>> posterior.kind, posterior.route.stages[0].name, posterior.route.stages[0].accepted
+        ('resampled', 'laplace', True)
+        >>> round(float(posterior.samples["mu"].mean()), 1)  # exact: 4.0 / 4.0001 * 0.999...
+        1.0
+    """
+    kwargs = model_keywords(infer, model, kwargs, model_kwargs)
+    check_setting("infer", "num_samples", num_samples, integer=True)
+    if time_budget is not None:
+        check_setting("infer", "time_budget", time_budget)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"infer: stages must be a non-empty subset of {STAGES}, got {stages!r}")
+    if guide is None:
+        guide = AutoFlowGuide(model)
+    elif not isinstance(guide, AutoFlowGuide):
+        raise TypeError(f"infer: guide must be an AutoFlowGuide, got {type(guide).__name__}")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    run = _Run(model, guide, args, kwargs, num_samples, progress, time_budget, min_ess)
+    return run.go([s for s in STAGES if s in stages])
+
+
+class _Run:
+    """The state of one ``infer`` call: clock, route, best answer so far."""
+
+    def __init__(self, model, guide, args, kwargs, num_samples, progress, budget, min_ess):
+        self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
+        self.num_samples = num_samples
+        self.progress = progress
+        self.start = time.perf_counter()
+        self.deadline = None if budget is None else self.start + budget
+        self.min_ess = min_ess or min(max(num_samples // 4, MCMC_MIN_ESS), 2000)
+        self.route = Route()
+        self.best = None  # (rank, Posterior)
+        self.check_seconds = 0.0  # cost of the last importance check: reserved at the end
+        self.pending = None  # draws a fit's last check passed, judged again by weigh()
+        self.vectorised = None  # whether the model broadcasts over draws (known after setup)
+
+    def left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.perf_counter()
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            print(f"infer: {text}", file=sys.stderr)
+
+    def go(self, names) -> Posterior:
+        for index, name in enumerate(names):
+            if self.left() <= self.check_seconds:
+                self.add(Stage(name, 0.0, "skipped: the time budget is spent"))
+                continue
+            began = time.perf_counter()
+            stage = Stage(name, 0.0, "")
+            getattr(self, f"stage_{name}")(stage)
+            stage.seconds = time.perf_counter() - began
+            if not stage.accepted and index + 1 < len(names):
+                stage.outcome += f"; next: {names[index + 1]}"
+            self.add(stage)
+            if stage.accepted:
+                break
+        return self.answer()
+
+    def add(self, stage: Stage) -> None:
+        self.route.stages.append(stage)
+        self.say(str(stage))
+
+    def answer(self) -> Posterior:
+        if self.best is None:
+            self.setup()
+            self.weigh(Stage("guide", 0.0, ""))
+        rank, posterior = self.best
+        self.route.approximate = rank < 2
+        posterior.route = self.route
+        if self.route.approximate:
+            warnings.warn(
+                f"infer: the draws are approximate ({self.route.label}): no stage passed its "
+                "check within the allowed stages and time. See posterior.route.",
+                stacklevel=3,
+            )
+        return posterior
+
+    def keep(self, rank: int, posterior: Posterior, label: str) -> None:
+        """Keep an answer if it ranks at least as well as the best so far (later is better
+        at equal rank: more training)."""
+        if self.best is None or rank >= self.best[0]:
+            self.best = (rank, posterior)
+            self.route.label = label
+
+    # ------------------------------------------------------------------------- stages
+    def setup(self) -> None:
+        self.guide.setup(*self.args, **self.kwargs)
+        if self.vectorised is None:
+            args = (self.model, self.guide, self.args, self.kwargs)
+            self.vectorised = runs_vectorised(*args, num=PARTICLES)
+
+    def stage_laplace(self, stage: Stage) -> None:
+        self.setup()
+        if not self.guide.preconditioned:
+            stage.outcome = f"skipped: {self.guide.start_description}"
+            return
+        self.weigh(stage)
+
+    def stage_fit(self, stage: Stage) -> None:
+        self.setup()
+        stage.outcome = self.fit(loss="elbo", num_particles=1, num_steps=FIT_STEPS)
+        self.weigh(stage)
+
+    def stage_dreg(self, stage: Stage) -> None:
+        self.setup()
+        if not self.vectorised:
+            stage.outcome = (
+                f"skipped: its {PARTICLES} particles run as one batch, and the model does not "
+                f"broadcast over a leading dimension (to have this stage, {NOT_VECTORISED_HINT})"
+            )
+            return
+        loss = "dreg" if invertible(self.guide.flow) else "iwae"
+        trained = self.fit(loss=loss, num_particles=PARTICLES, num_steps=DREG_STEPS)
+        stage.outcome = f"{loss} K={PARTICLES}, {trained}"
+        self.weigh(stage)
+
+    def stage_neutra(self, stage: Stage) -> None:
+        self.setup()
+        if self.left() < NEUTRA_MIN_SECONDS:
+            stage.outcome = f"skipped: under {NEUTRA_MIN_SECONDS:.0f} s of the time budget left"
+            return
+        deadline = (
+            None if self.deadline is None else self.deadline - 0.02 * (self.deadline - self.start)
+        )
+        chain = neutra_chain(
+            self.model,
+            self.guide,
+            self.args,
+            self.kwargs,
+            num_samples=self.num_samples,
+            warmup_steps=500,
+            deadline=deadline,
+            target_accept_prob=NEUTRA_TARGET_ACCEPT,
+        )
+        ok = chain.r_hat < R_HAT_LIMIT and chain.ess >= MCMC_MIN_ESS
+        ok = ok and not chain.divergences and not chain.stopped
+        stage.accepted = ok
+        stage.outcome = (
+            f"{chain.num_draws} draws after {chain.warmup_steps} warm-up, R-hat "
+            f"{chain.r_hat:.3f}, ESS {chain.ess:.0f}, {len(chain.divergences)} divergences"
+            + (f"; {chain.stopped}" if chain.stopped else "")
+        )
+        diagnostics = {
+            "r_hat": chain.r_hat,
+            "ess": chain.ess,
+            "divergences": len(chain.divergences),
+        }
+        label = f"exact MCMC on the flow (NeuTra), R-hat {chain.r_hat:.2f}, ESS {chain.ess:.0f}"
+        posterior = self.posterior(chain.samples, "mcmc", diagnostics, chain)
+        # An unaccepted chain still beats unaccepted importance draws if it mixed at all.
+        usable = math.isfinite(chain.r_hat) and chain.r_hat < 1.1 and chain.ess >= 100
+        self.keep(3 if ok else (1 if usable else -1), posterior, label)
+
+    # ------------------------------------------------------------------------- helpers
+    def fit(self, **settings) -> str:
+        """``fit`` until its own rule ends it, the deadline nears, or (checked every
+        ``CHECK_EVERY`` steps) k-hat says the weights can be trusted:
+        training further would only polish what resampling corrects anyway."""
+
+        why = []
+
+        def enough(state) -> bool:
+            if self.deadline is not None and self.left() < 2 * self.check_seconds + 0.5:
+                why.append(f"stopped at step {state.step}: the time budget")
+                return True
+            if state.step % CHECK_EVERY or not self.vectorised:  # a check costs seconds then
+                return False
+            peek = self.resample(self.proposals(), adapt=False)
+            if peek.diagnostic.k_hat < ACCEPT_KHAT:
+                # These very draws are then judged and returned: a second, independent set
+                # could read k-hat 0.5 where this one read 0.28 (k-hat is that noisy).
+                self.pending = peek
+                why.append(f"stopped at step {state.step}: k-hat {peek.diagnostic.k_hat:.2f}")
+            return bool(why)
+
+        result = fit(
+            self.model,
+            self.guide,
+            *self.args,
+            progress=self.progress,
+            diagnose=False,
+            callbacks=[enough],
+            model_kwargs=self.kwargs,
+            **settings,
+        )
+        return f"{result.num_steps} steps ({why[0] if why else result.reason}); "
+
+    def weigh(self, stage: Stage) -> None:
+        """Importance-resample the guide's draws and judge them; keep the best answer.
+
+        The judgement is on the guide's own weights. Moment matching picks the maps that
+        lower k-hat on these very draws, so its k-hat reads low (on a 3-D funnel it accepted
+        a sd of v 7-10% short at k-hat 0.47); it only improves a rejected answer."""
+        began = time.perf_counter()
+        proposals = self.proposals()
+        out, self.pending = self.pending or self.resample(proposals, adapt=False), None
+        d = out.diagnostic
+        if d.k_hat < ACCEPT_KHAT and d.ess < self.min_ess:
+            more = min(MAX_PROPOSALS, math.ceil(proposals * 1.2 * self.min_ess / max(d.ess, 1)))
+            if more > proposals and self.left() > 3 * (time.perf_counter() - began):
+                out = self.resample(more, adapt=False)
+                d = out.diagnostic
+        trusted = d.k_hat < ACCEPT_KHAT
+        stage.accepted = trusted and d.ess >= self.min_ess
+        stage.outcome += (
+            f"PSIS k-hat {d.k_hat:.2f} (accepted below {ACCEPT_KHAT}), ESS {d.ess:.0f} of "
+            f"{d.num_samples} proposals"
+        )
+        if trusted and not stage.accepted:
+            stage.outcome += f" (below the {self.min_ess} needed)"
+        diagnostics = {"k_hat": d.k_hat, "ess": d.ess, "proposals": d.num_samples}
+        label = f"PSIS-resampled guide draws ({stage.name}), k-hat {d.k_hat:.2f}, ESS {d.ess:.0f}"
+        if not stage.accepted and self.left() > 3 * (time.perf_counter() - began):
+            adapted = self.resample(proposals)  # moment matching: a better approximate answer
+            if adapted.num_adaptations:
+                out, maps = adapted, adapted.num_adaptations
+                diagnostics.update(k_hat_moment_matched=adapted.diagnostic.k_hat, maps=maps)
+                label += f" (moment-matched: {maps} maps, k-hat {adapted.diagnostic.k_hat:.2f})"
+        self.check_seconds = time.perf_counter() - began
+        self.keep(
+            2 if stage.accepted else 0,
+            self.posterior(out.samples, "resampled", diagnostics, out),
+            label,
+        )
+
+    def proposals(self) -> int:
+        # A model that does not broadcast is run once per draw (about 5 ms each): fewer.
+        return max(PROPOSALS if self.vectorised else SEQUENTIAL_PROPOSALS, self.num_samples)
+
+    def resample(self, proposals: int, adapt: bool = True):
+        # The k-hat warning of a rejected check is this route's to report (in the route and
+        # once at the end), not a warning per stage; every other warning passes through.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = importance_resample(
+                self.model,
+                self.guide,
+                *self.args,
+                num_samples=proposals,
+                num_draws=self.num_samples,
+                adapt=adapt,
+                **self.kwargs,
+            )
+        for w in caught:
+            if not str(w.message).startswith("importance_resample: PSIS k-hat"):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return out
+
+    def posterior(self, samples, kind, diagnostics, source) -> Posterior:
+        samples = {k: v.detach() for k, v in samples.items()}
+        return Posterior(
+            samples,
+            kind,
+            diagnostics,
+            self.route,
+            self.guide,
+            source,
+            self.model,
+            self.args,
+            self.kwargs,
+        )

@@ -1,0 +1,161 @@
+"""``pyroflows.infer``: the route from a Laplace start to exact MCMC, and its promises."""
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyroflows import AutoFlowGuide, infer
+from pyroflows.inference import STAGES
+
+
+def conjugate(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def exact_posterior(y):
+    precision = 1 / 4 + len(y)
+    return float(y.sum() / precision), 1 / math.sqrt(precision)
+
+
+def funnel():
+    v = pyro.sample("v", dist.Normal(0.0, 3.0))
+    with pyro.plate("i", 2):
+        pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2)))
+
+
+def funnel_not_vectorised():
+    v = pyro.sample("v", dist.Normal(0.0, 3.0))
+    pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2)).expand([2]).to_event(1))
+
+
+def within_mcse(draws, mean, sd, ess):
+    """Mean and sd of ``draws`` within 3 Monte Carlo standard errors at ``ess``."""
+    mcse_mean = sd / math.sqrt(ess)
+    mcse_sd = sd / math.sqrt(2 * ess)  # for a normal marginal
+    return (
+        abs(float(draws.mean()) - mean) < 3 * mcse_mean
+        and abs(float(draws.std()) - sd) < 3 * mcse_sd
+    )
+
+
+def test_conjugate_posterior_within_mcse_and_the_route_lists_its_stages():
+    y = torch.tensor([1.2, 0.4, 2.1, 1.7, 0.9])
+    posterior = infer(conjugate, y, num_samples=2000, seed=0, progress=False)
+    mean, sd = exact_posterior(y)
+    ess = posterior.diagnostics["ess"]
+    assert ess >= 400
+    assert within_mcse(posterior.samples["mu"], mean, sd, min(ess, 2000))
+    names = [s.name for s in posterior.route.stages]
+    assert names and set(names) <= set(STAGES) and posterior.route.stages[-1].accepted
+    assert "PSIS-resampled" in posterior.label and not posterior.route.approximate
+    report = str(posterior.route)
+    assert all(name in report for name in names) and " s " in report
+
+
+@pytest.mark.slow  # about 90 s: two fits and a NeuTra chain
+def test_funnel_escalates_to_mcmc_whose_draws_match_the_analytic_marginals():
+    # No sound mode (the Laplace stage is skipped), and the fitted flows' importance weights
+    # miss the neck (k-hat 0.6-1.4 measured): the route goes on, every stage saying why,
+    # and ends in NeuTra, whose draws match v ~ N(0, 3) and log|x_i| (mean -0.635, sd 1.867)
+    # within 3 Monte Carlo errors at the chain's own ESS.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        posterior = infer(funnel, num_samples=1000, seed=2, progress=False)
+    stages = posterior.route.stages
+    assert "skipped" in stages[0].outcome and not stages[0].accepted
+    assert [s.name for s in stages] == list(STAGES)
+    assert all("next: " in s.outcome for s in stages[:-1])
+    assert posterior.kind == "mcmc" and "NeuTra" in posterior.label
+    ess = posterior.diagnostics["ess"]
+    assert within_mcse(posterior.samples["v"], 0.0, 3.0, ess)
+    log_abs_x = posterior.samples["x"][:, 0].abs().log()
+    assert abs(float(log_abs_x.mean()) + 0.635) < 3 * 1.867 / math.sqrt(ess)
+    # Below 400 ESS, or with a divergence, the chain is not accepted, and the user is told.
+    if not stages[-1].accepted:
+        assert posterior.route.approximate
+        assert sum("approximate" in str(w.message) for w in caught) == 1
+
+
+def test_moment_matching_does_not_decide_acceptance():
+    # Moment matching lowers k-hat on the draws it was chosen on; the route judges the
+    # guide's own weights. A too-narrow start on a normal target: rejected, then improved.
+    def wide():
+        pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+
+    guide = AutoFlowGuide(wide, init_scale=0.3, init="prior")
+    posterior = infer(
+        wide,
+        guide=guide,
+        num_samples=500,
+        seed=0,
+        progress=False,
+        stages=("laplace",),
+        time_budget=600,
+    )
+    (stage,) = posterior.route.stages
+    assert "skipped" in stage.outcome  # an explicit start: no Laplace stage
+    assert posterior.route.approximate and "moment-matched" in posterior.label
+    assert posterior.diagnostics["k_hat"] >= 0.5
+    assert posterior.diagnostics["k_hat_moment_matched"] < posterior.diagnostics["k_hat"]
+
+
+def test_a_model_that_does_not_broadcast_still_gets_an_answer():
+    # The multi-particle stage needs a model that broadcasts over draws: it is skipped,
+    # saying why, and the route goes on.
+    posterior = infer(
+        funnel_not_vectorised, num_samples=200, seed=0, progress=False, stages=("dreg",)
+    )
+    (stage,) = posterior.route.stages
+    assert stage.outcome.startswith("skipped") and "broadcast" in stage.outcome
+    assert posterior.samples["x"].shape == (200, 2)
+
+
+def test_time_budget_is_honoured_and_an_exhausted_budget_warns_once():
+    start = __import__("time").perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        posterior = infer(funnel, num_samples=5000, seed=0, progress=False, time_budget=4.0)
+    seconds = __import__("time").perf_counter() - start
+    assert seconds < 4.0 * 1.1
+    assert posterior.route.approximate
+    approximate = [w for w in caught if "approximate" in str(w.message)]
+    assert len(approximate) == 1
+    assert "posterior.route" in str(approximate[0].message)
+
+
+def test_summary_of_resampled_draws_has_no_chain_statistics():
+    y = torch.tensor([1.2, 0.4, 2.1])
+    posterior = infer(conjugate, y, num_samples=500, seed=0, progress=False, stages=("laplace",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ArviZ's chain-shape warning would be an error here
+        table = posterior.summary()
+    assert "r_hat" not in table.columns and "mean" in table.columns
+    assert list(table.index) == ["mu"]
+
+
+def test_keywords_neither_infers_nor_the_models_are_refused():
+    y = torch.tensor([1.0])
+    with pytest.raises(TypeError, match="'num_sample' is neither infer's nor the model's"):
+        infer(conjugate, y, num_sample=10)
+    with pytest.raises(ValueError, match="stages must be a non-empty subset"):
+        infer(conjugate, y, stages=("laplace", "mcmc"))
+    with pytest.raises(TypeError, match="guide must be an AutoFlowGuide"):
+        infer(conjugate, y, guide=pyro.infer.autoguide.AutoNormal(conjugate))
+    with pytest.raises(ValueError, match="time_budget must be a finite positive"):
+        infer(conjugate, y, time_budget=0)
+
+
+def test_a_given_guide_is_fitted_in_place_and_seeds_reproduce():
+    y = torch.tensor([1.2, 0.4, 2.1])
+    guide = AutoFlowGuide(conjugate)
+    first = infer(conjugate, y, guide=guide, num_samples=300, seed=3, progress=False)
+    assert first.guide is guide and guide.prototype_trace is not None
+    pyro.clear_param_store()
+    again = infer(conjugate, y, num_samples=300, seed=3, progress=False)
+    assert torch.equal(first.samples["mu"], again.samples["mu"])
