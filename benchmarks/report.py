@@ -171,6 +171,7 @@ def render() -> None:
             ln.replace("# ", "### ", 1) if ln.startswith("#") else ln
             for ln in cost.read_text().splitlines()[1:]
         ]
+    lines += included_sections()
     design = RESULTS / "design.md"
     if design.exists():  # hand-kept: the figures behind the defaults, cited by docstrings
         lines += ["", *design.read_text().splitlines()]
@@ -184,6 +185,23 @@ def render() -> None:
     OUT.write_text("\n".join(lines) + "\n")
     plots(agg, posteriors, guides)
     print(f"wrote {OUT}")
+
+
+INCLUDED = [
+    ("infer_route.md", None),
+    ("infer.md", "### infer against Pyro's NUTS (python -m benchmarks.infer)"),
+    ("quickstart.md", "### The README quickstart at seeds 0-19 (python -m benchmarks.quickstart)"),
+]
+
+
+def included_sections() -> list[str]:
+    """The infer results, rendered by their own drivers, with their hand-kept notes."""
+    lines = []
+    for name, title in INCLUDED:
+        path = RESULTS / name
+        if path.exists():
+            lines += ["", *([title, ""] if title else []), *path.read_text().splitlines()]
+    return lines
 
 
 def targets(agg, posteriors) -> list[str]:

@@ -5,9 +5,10 @@ from .density import DensityFit, Flow
 from .diagnostics import importance_resample, log_evidence, psis_diagnostic
 from .fit import FitError, FitResult, fit
 from .guides import AutoFlowGuide, init_to_median
-from .inference import Posterior, infer
+from .inference import infer
 from .neutra import neutra
 from .objectives import ImportanceWeightedELBO
+from .posterior import Posterior
 from .psis import khat_threshold, psis
 
 __version__ = "0.1.0.dev0"

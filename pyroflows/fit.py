@@ -164,8 +164,9 @@ def fit(
             ``window`` defaults to ``clamp(num_steps // 40, 100, 250)``.
         clip: elementwise gradient clip of the default optimizer.
         diagnose: after fitting an ``AutoContinuous`` guide (such as ``AutoFlowGuide``),
-            compute the PSIS k-hat (``psis_diagnostic``, 1000 draws) and warn
-            if the fit cannot be trusted.
+            compute the PSIS k-hat (``psis_diagnostic``, 1000 draws) and say if the fit
+            cannot be trusted: once, in the progress display's closing summary, or as a
+            warning when the display is off.
         distributed: data-parallel SVI over a ``torch.distributed`` process group (started
             from torchrun's environment if needed): each rank passes its shard of the data
             (``pyroflows.distributed.shard``), observed sites are scaled by the number of
@@ -251,7 +252,8 @@ def fit(
         setup_time=setup_time,
     )
     if diagnose:
-        result.diagnostic = _diagnose(model, guide, args, kwargs)
+        # The display's closing summary carries the verdict: a warning too would repeat it.
+        result.diagnostic = _diagnose(model, guide, args, kwargs, warn=not report.mode)
     report.finish(result)
     return result
 
@@ -288,7 +290,7 @@ def _objective(loss, num_particles, guide):
     return Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize), loss == "stl"
 
 
-def _diagnose(model, guide, args, kwargs):
+def _diagnose(model, guide, args, kwargs, warn: bool = True):
     if not isinstance(guide, AutoContinuous):
         return None
     try:
@@ -296,6 +298,6 @@ def _diagnose(model, guide, args, kwargs):
     except Exception as error:  # a diagnostic must not lose a finished fit
         warnings.warn(f"fit: the PSIS diagnostic could not be computed: {error}", stacklevel=3)
         return None
-    if not result.ok:
+    if warn and not result.ok:
         warnings.warn(f"fit: {result.summary()}", stacklevel=3)
     return result

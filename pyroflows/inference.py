@@ -25,7 +25,6 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import pyro
 
@@ -35,10 +34,11 @@ from .draws import NOT_VECTORISED_HINT, runs_vectorised
 from .fit import fit
 from .guides import AutoFlowGuide
 from .neutra import neutra_chain
+from .posterior import Posterior, Route, Stage
 from .progress import check_setting
 from .transforms import invertible
 
-__all__ = ["STAGES", "Posterior", "Route", "Stage", "infer"]
+__all__ = ["STAGES", "infer"]
 
 STAGES = ("laplace", "fit", "dreg", "neutra")
 PROPOSALS = 4000  # guide draws weighed per check (at least num_samples)
@@ -57,95 +57,6 @@ ACCEPT_KHAT = 0.5
 CHECK_EVERY = 500
 PARTICLES = 8  # of the dreg stage (benchmarks/RESULTS.md: K=8 met 10 of 14 posteriors)
 FIT_STEPS, DREG_STEPS = 5000, 3000  # the benchmark's budget; the plateau rule ends most sooner
-
-
-@dataclass
-class Stage:
-    """One stage of the route: what ran, how long it took, what it found, what came next."""
-
-    name: str
-    seconds: float
-    outcome: str
-    accepted: bool = False
-
-    def __str__(self) -> str:
-        mark = "accepted" if self.accepted else "not accepted"
-        return f"{self.name:<8} {self.seconds:7.1f} s  {mark}: {self.outcome}"
-
-
-@dataclass
-class Route:
-    """Every stage ``infer`` ran, with its wall time, and what the final draws are."""
-
-    stages: list[Stage] = field(default_factory=list)
-    label: str = ""
-    approximate: bool = False
-
-    @property
-    def seconds(self) -> float:
-        return sum(s.seconds for s in self.stages)
-
-    def __str__(self) -> str:
-        lines = [f"infer: {self.label} ({self.seconds:.1f} s)"]
-        lines += [f"  {s}" for s in self.stages]
-        if self.approximate:
-            lines.append("  The draws are approximate: no stage reached its acceptance rule.")
-        return "\n".join(lines)
-
-
-@dataclass
-class Posterior:
-    """What ``infer`` returns.
-
-    Attributes:
-        samples: ``{site: (num_samples, *shape)}`` constrained draws of the latent sites
-            (and deterministic sites where the model runs vectorised over draws).
-        kind: ``"mcmc"`` (NeuTra NUTS draws) or ``"resampled"`` (PSIS-resampled guide
-            draws).
-        diagnostics: ``k_hat`` and ``ess`` (importance weights), and for MCMC ``r_hat``,
-            ``ess`` (bulk) and ``divergences``.
-        route: the stages run, their times and why each next one was needed.
-        guide: the fitted ``AutoFlowGuide``.
-    """
-
-    samples: dict
-    kind: str
-    diagnostics: dict
-    route: Route
-    guide: object = field(repr=False)
-    source: object = field(repr=False, default=None)
-    model: object = field(repr=False, default=None)
-    args: tuple = field(repr=False, default=())
-    kwargs: dict = field(repr=False, default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return self.route.label
-
-    def to_inference_data(self):
-        """The draws as ``arviz.InferenceData``. MCMC draws form a chain (R-hat and ESS
-        mean what they do for MCMC); resampled draws sit in one pseudo-chain that
-        ``summary`` reports with ``kind="stats"`` only (``docs/guide/k-hat.md``)."""
-        from .arviz import from_neutra
-
-        if self.kind == "mcmc":
-            n = self.source.num_draws
-            divergent = [self.source.divergences]
-            return from_neutra(
-                self.model, self.guide, self.args, self.kwargs, self.source.samples, 1, n, divergent
-            )
-        return self.source.to_inference_data()
-
-    def summary(self):
-        """``arviz.summary`` of the draws: with R-hat and ESS for MCMC, ``kind="stats"``
-        (mean, sd, HDI) for importance-resampled draws."""
-        import arviz as az
-
-        kind = "all" if self.kind == "mcmc" else "stats"
-        return az.summary(self.to_inference_data(), kind=kind)
-
-    def __str__(self) -> str:
-        return str(self.route)
 
 
 def infer(

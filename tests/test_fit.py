@@ -1,6 +1,7 @@
 """pyroflows.fit: the training loop's options, its schedule and its NaN guard."""
 
 import math
+import warnings
 
 import matplotlib
 import pyro
@@ -248,6 +249,22 @@ def test_diagnose_warns_when_the_fit_cannot_be_trusted():
         )
     assert not result.diagnostic.ok
     assert "k-hat" in result.summary()
+
+
+def test_an_untrustworthy_fit_is_reported_once(capsys):
+    # With the progress display on, its closing summary carries the k-hat verdict; a
+    # warning as well would say the same thing twice.
+    cov = torch.tensor([[1.0, 0.95], [0.95, 1.0]])
+
+    def model():
+        pyro.sample("z", dist.MultivariateNormal(torch.zeros(2), cov))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, AutoDiagonalNormal(model), num_steps=400, lr=0.05, progress="log", seed=0)
+    err = capsys.readouterr().err
+    told = err.count("cannot be trusted") + sum("cannot be trusted" in str(w.message) for w in caught)
+    assert told == 1
 
 
 def test_plot_draws_the_loss_curve():
