@@ -45,6 +45,7 @@ def test_density_integrates_to_one():
     assert abs(mass.item() - 1.0) < 1e-3
 
 
+@pytest.mark.slow  # an accuracy run: two density fits to convergence
 def test_fit_recovers_a_gaussian_and_beats_it_on_a_mixture():
     torch.manual_seed(0)
     # Correlated Gaussian on a far-away scale: the exact held-out NLL is its entropy.

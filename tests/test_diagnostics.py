@@ -130,6 +130,7 @@ def regression(x, y):
         pyro.sample("y", dist.Normal((x * beta).sum(-1), 0.5), obs=y)
 
 
+@pytest.mark.slow  # an accuracy run: a fit to convergence and 10,000 draws
 def test_log_evidence_matches_the_exact_marginal_likelihood():
     pyro.clear_param_store()
     generator = torch.Generator().manual_seed(1)
