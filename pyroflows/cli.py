@@ -67,7 +67,8 @@ def load_data(path: str | None, function) -> dict:
     import torch
 
     params = inspect.signature(function).parameters
-    required = [n for n, p in params.items() if p.default is p.empty and p.kind <= p.KEYWORD_ONLY]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    required = [n for n, p in params.items() if p.default is p.empty and p.kind in named]
     signature = f"{function.__name__}{inspect.signature(function)}"
     if path is None:
         if required:

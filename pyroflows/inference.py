@@ -7,16 +7,17 @@ The route (``benchmarks/RESULTS.md``, "infer: the route" has the measurements be
    optimisation). Skipped where the model has no sound mode (a funnel).
 2. ``fit``: the default flow fitted by ``fit`` (ELBO, early stopping), importance-resampled.
 3. ``dreg``: the same flow refitted on the importance-weighted bound with 8 particles and
-   DReG gradients (mass-covering), importance-resampled with moment matching.
+   DReG gradients (mass-covering), importance-resampled.
 4. ``neutra``: NUTS in the flow's space (``neutra_chain``): asymptotically exact, cheap
    when the flow is good, and the answer whenever importance weights cannot be trusted.
 
-An importance-resampled answer is accepted when PSIS k-hat is below 0.5 (finite variance of
-the weights; PSIS's own 0.7 let a wrong funnel answer through) and the weights' effective
+An importance-resampled answer is accepted when the PSIS k-hat of the guide's own weights is
+below 0.5 (finite variance; PSIS's 0.7 let a wrong funnel answer through) and their effective
 sample size reaches ``min_ess`` (more proposals are drawn once if k-hat is fine but the ESS
-falls short). A NeuTra chain is
-accepted when its split R-hat is below 1.01, its bulk ESS at least 400 (Vehtari et al. 2021,
-arXiv:1903.08008) and it had no divergence.
+falls short). Moment matching only improves an answer that was rejected: its k-hat is chosen
+on the same draws and reads low. A NeuTra chain is accepted when its split R-hat is below
+1.01, its bulk ESS at least 400 (Vehtari et al. 2021, arXiv:1903.08008) and it had no
+divergence. When nothing passed, the best answer is returned with one warning.
 """
 
 from __future__ import annotations
