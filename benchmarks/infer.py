@@ -7,7 +7,8 @@
 Each run is a fresh process with ``--threads`` torch threads (default 2): the timed call is
 ``infer(model, *args, num_samples=10_000, seed=s, progress=False)``, everything from the call
 to the draws, scored on those draws (``posteriors.score``). ``--nuts`` adds Pyro's NUTS (one
-chain, 500 warm-up, 1000 draws, default settings, ``jit_compile=False``) on the same
+chain, 500 warm-up, 1000 draws, default settings, ``jit_compile=False``, started at
+``init_to_median`` since Pyro's default init cannot start a flat prior) on the same
 posterior, scored the same way. Rows go to ``results/infer.jsonl``; the table to
 ``results/infer.md``, which RESULTS.md includes.
 """
@@ -59,10 +60,19 @@ def run_nuts(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     from pyro.infer import MCMC, NUTS
 
+    from pyroflows import init_to_median
+
     posterior = POSTERIORS[job["posterior"]]()
     pyro.set_rng_seed(job["seed"])
     start = time.perf_counter()
-    kernel = NUTS(posterior.model, jit_compile=job.get("jit", False), ignore_jit_warnings=True)
+    # Pyro's default init (uniform in (-2, 2)) needs a prior it can sample; flat priors
+    # (ImproperUniform) cannot be, so every port starts at pyroflows' init_to_median.
+    kernel = NUTS(
+        posterior.model,
+        jit_compile=job.get("jit", False),
+        ignore_jit_warnings=True,
+        init_strategy=init_to_median,
+    )
     mcmc = MCMC(kernel, num_samples=1000, warmup_steps=500, disable_progbar=True)
     mcmc.run(*posterior.args)
     seconds = time.perf_counter() - start
