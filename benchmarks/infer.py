@@ -72,6 +72,7 @@ def run_nuts(job: dict) -> dict:
         jit_compile=job.get("jit", False),
         ignore_jit_warnings=True,
         init_strategy=init_to_median,
+        max_plate_nesting=4,  # given, or Pyro guesses it by sampling the (flat) prior
     )
     mcmc = MCMC(kernel, num_samples=1000, warmup_steps=500, disable_progbar=True)
     mcmc.run(*posterior.args)
