@@ -152,7 +152,9 @@ def runs_vectorised(model, guide, args=(), kwargs=None, num: int = 8) -> bool:
         sites, mpn = _site_infos(model_trace, guide_trace)
         try:
             _vectorized(model, guide, args, kwargs, num, sites, mpn, False)
-        except (RuntimeError, ValueError, IndexError):  # as draw(): then one draw at a time
+        except (RuntimeError, ValueError, IndexError) as error:
+            if not is_shape_error(error):  # a fault of the model, not of broadcasting: say it
+                raise
             return False
     return True
 
