@@ -30,6 +30,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import xarray as xr
 
 with warnings.catch_warnings():  # ArviZ 0.2x announces its 1.0 refactor on import
     warnings.simplefilter("ignore", FutureWarning)
@@ -39,7 +40,7 @@ from .diagnostics import importance_resample
 from .draws import NOT_VECTORISED_HINT, Draws, draw, evaluate_at, is_shape_error
 from .psis import PSISResult
 
-__all__ = ["from_importance_resample", "from_neutra", "to_inference_data"]
+__all__ = ["from_importance_resample", "from_neutra", "split_chain", "to_inference_data"]
 
 
 def to_inference_data(
@@ -173,6 +174,19 @@ def _build(draws: Draws, groups: dict, attrs: dict, chains: int) -> az.Inference
             posterior_attrs=attrs,
             sample_stats_attrs=attrs if "sample_stats" in arrays else None,
         )
+
+
+def split_chain(idata: az.InferenceData) -> az.InferenceData:
+    """One MCMC chain as its two halves, so that ArviZ computes split R-hat and ESS for it
+    (as Stan does for one chain; ArviZ refuses R-hat for a single chain)."""
+    posterior = idata.posterior
+    half = posterior.sizes["draw"] // 2
+    if posterior.sizes["chain"] != 1 or half < 4:
+        return idata
+    halves = [posterior.isel(chain=0, draw=slice(i * half, (i + 1) * half)) for i in (0, 1)]
+    halves = [h.assign_coords(draw=np.arange(half)) for h in halves]
+    split = xr.concat(halves, dim="chain").assign_coords(chain=[0, 1])
+    return az.InferenceData(posterior=split.transpose("chain", "draw", ...))
 
 
 def from_importance_resample(result) -> az.InferenceData:

@@ -32,7 +32,7 @@ import pyro
 
 from .calls import model_keywords
 from .diagnostics import importance_resample
-from .draws import NOT_VECTORISED_HINT, runs_vectorised
+from .draws import NOT_VECTORISED_HINT, deterministic_at, runs_vectorised
 from .fit import fit
 from .guides import AutoFlowGuide
 from .neutra import neutra_chain
@@ -259,7 +259,12 @@ class _Run:
             "divergences": len(chain.divergences),
         }
         label = f"exact MCMC on the flow (NeuTra), R-hat {chain.r_hat:.2f}, ESS {chain.ess:.0f}"
-        posterior = self.posterior(chain.samples, "mcmc", diagnostics, chain)
+        samples = dict(chain.samples)
+        if self.vectorised:  # as resampled draws have them
+            samples.update(
+                deterministic_at(self.model, self.guide, self.args, self.kwargs, chain.samples)
+            )
+        posterior = self.posterior(samples, "mcmc", diagnostics, chain)
         # An unaccepted chain still beats unaccepted importance draws if it mixed at all.
         usable = math.isfinite(chain.r_hat) and chain.r_hat < 1.1 and chain.ess >= 100
         self.keep(3 if ok else (1 if usable else -1), posterior, label)

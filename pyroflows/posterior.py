@@ -48,7 +48,7 @@ class Posterior:
 
     Attributes:
         samples: ``{site: (num_samples, *shape)}`` constrained draws of the latent sites
-            (and deterministic sites where the model runs vectorised over draws).
+            and of the deterministic sites (where the model runs vectorised over draws).
         kind: ``"mcmc"`` (NeuTra NUTS draws) or ``"resampled"`` (PSIS-resampled guide
             draws).
         diagnostics: ``k_hat`` and ``ess`` (importance weights), and for MCMC ``r_hat``,
@@ -86,12 +86,15 @@ class Posterior:
         return self.source.to_inference_data()
 
     def summary(self):
-        """``arviz.summary`` of the draws: with R-hat and ESS for MCMC, ``kind="stats"``
-        (mean, sd, HDI) for importance-resampled draws."""
+        """``arviz.summary`` of the draws: with split R-hat and ESS for MCMC (the chain's two
+        halves), ``kind="stats"`` (mean, sd, HDI) for importance-resampled draws."""
         import arviz as az
 
-        kind = "all" if self.kind == "mcmc" else "stats"
-        return az.summary(self.to_inference_data(), kind=kind)
+        from .arviz import split_chain
+
+        if self.kind == "mcmc":  # one chain: R-hat and ESS of its two halves (split R-hat)
+            return az.summary(split_chain(self.to_inference_data()), kind="all")
+        return az.summary(self.to_inference_data(), kind="stats")
 
     def __str__(self) -> str:
         return str(self.route)

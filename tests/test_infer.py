@@ -159,3 +159,26 @@ def test_a_given_guide_is_fitted_in_place_and_seeds_reproduce():
     pyro.clear_param_store()
     again = infer(conjugate, y, num_samples=300, seed=3, progress=False)
     assert torch.equal(first.samples["mu"], again.samples["mu"])
+
+
+def shifted(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    pyro.deterministic("shifted", mu + 10.0)
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def test_mcmc_draws_carry_deterministic_sites_and_a_summary_with_r_hat(caplog):
+    # The README quickstart read posterior.summary().loc["theta[0]"] at seeds where NeuTra
+    # answered: the chain's samples lacked the deterministic site, and ArviZ refused R-hat
+    # for one chain (a logged warning and NaN).
+    y = torch.tensor([1.2, 0.4, 2.1])
+    posterior = infer(shifted, y, num_samples=300, seed=0, progress=False, stages=("neutra",))
+    assert posterior.kind == "mcmc"
+    samples = posterior.samples
+    assert samples["shifted"].shape == samples["mu"].shape == (300,)
+    assert torch.allclose(samples["shifted"], samples["mu"] + 10.0)
+    table = posterior.summary()
+    assert "shifted" in table.index and "r_hat" in table.columns
+    assert table["r_hat"].notna().all() and table["ess_bulk"].notna().all()
+    assert "Shape validation failed" not in caplog.text
