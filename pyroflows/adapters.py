@@ -23,6 +23,7 @@ __all__ = [
     "claim_param_name",
     "end_warmup",
     "guide_model_wrapped",
+    "param_constraint",
     "restore",
     "snapshot",
 ]
@@ -70,6 +71,11 @@ def check_param_store(named: list[tuple[str, Tensor]], prefix: str) -> None:
                 f"share the name {prefix!r}. Give this guide another name= or "
                 "call pyro.clear_param_store() before creating it."
             )
+
+
+def param_constraint(name: str):
+    """The constraint Pyro's param store holds for parameter ``name`` (no public accessor)."""
+    return pyro.get_param_store()._constraints[name]
 
 
 @contextmanager

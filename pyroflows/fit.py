@@ -17,15 +17,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import pyro
-from pyro.infer import ELBO, Trace_ELBO
+from pyro.infer import ELBO
 from pyro.infer.autoguide import AutoContinuous
 from pyro.optim import PyroOptim
 
 from . import distributed as dist_
 from .calls import model_keywords
+from .compiled import Disagreement, compile_step
 from .diagnostics import psis_diagnostic
 from .guides import AutoFlowGuide
-from .objectives import ImportanceWeightedELBO
+from .objectives import FlowELBO, ImportanceWeightedELBO
 from .progress import FitError, Progress, check_setting
 from .schedule import Schedule
 from .scoring import check_stopped_scoring, scoring
@@ -59,7 +60,9 @@ class FitResult:
         wall_time: seconds spent in the loop.
         reason: why the run ended, in words.
         setup_time: seconds spent setting the guide up before the first step (an
-            ``AutoFlowGuide``'s Laplace start can take seconds), not part of ``wall_time``.
+            ``AutoFlowGuide``'s Laplace start can take seconds, compiling the step too),
+            not part of ``wall_time``.
+        path: ``"compiled"``, or ``"general"`` and why (see ``fit``'s ``fast``).
         diagnostic: the PSIS diagnostic of the fitted guide (``None`` if not computed).
     """
 
@@ -72,6 +75,7 @@ class FitResult:
     lr_history: list[float] = field(default_factory=list, repr=False)
     diagnostic: object = None
     setup_time: float = 0.0
+    path: str = "general"
 
     @property
     def final_loss(self) -> float:
@@ -129,6 +133,7 @@ def fit(
     clip: float = 10.0,
     diagnose: bool = True,
     distributed: bool = False,
+    fast: bool = True,
     model_kwargs: dict | None = None,
     **kwargs,
 ) -> FitResult:
@@ -173,6 +178,10 @@ def fit(
             ranks, gradients and losses are averaged, parameters broadcast from rank 0 (see
             ``pyroflows.distributed``). Only rank 0 shows progress; the k-hat diagnostic,
             which needs the full data, is skipped.
+        fast: step through the compiled step (``pyroflows.compiled``: the step traced once
+            into a graph of tensor operations, checked against Pyro's general path) where it
+            is exact; where it is not, the general path is taken and ``FitResult.path`` (and
+            the progress display) says why. ``False``: always Pyro's general path.
 
     Raises:
         FitError: the loss or a gradient became NaN or infinite. The message names the step
@@ -224,12 +233,26 @@ def fit(
     losses: list[float] = []
     lr_history: list[float] = []
     reason = None
-    start = time.perf_counter()
     try:
         with scoring(guide, stopped=True) if stl else nullcontext():
+            compiled, path = _compile(fast, distributed, elbo, model, guide, args, kwargs, report)
+            setup_time += compiled.compile_time if compiled is not None else 0.0
+            start = time.perf_counter()
             for step in range(1, num_steps + 1):
                 current_lr = schedule.lr_at(step)
-                value = update.step(elbo, model, guide, args, kwargs, current_lr, step)
+                try:
+                    value = update.step(
+                        elbo, model, guide, args, kwargs, current_lr, step, compiled
+                    )
+                except Disagreement as error:
+                    compiled, path = None, f"general from step {step}: {error}"
+                    warnings.warn(
+                        f"fit: {error}; the model's computation depends on values in a way "
+                        "the compiled step froze, so fit continues on Pyro's general path "
+                        "(pass fast=False to use it from the start)",
+                        stacklevel=2,
+                    )
+                    value = update.step(elbo, model, guide, args, kwargs, current_lr, step)
                 losses.append(value)
                 lr_history.append(current_lr)
                 stop = schedule.record(value)
@@ -250,6 +273,7 @@ def fit(
         reason=reason or schedule.reason,
         lr_history=lr_history,
         setup_time=setup_time,
+        path=path,
     )
     if diagnose:
         # The display's closing summary carries the verdict: a warning too would repeat it.
@@ -274,6 +298,21 @@ def _set_up(guide, args, kwargs, report: Progress) -> float:
     return seconds
 
 
+def _compile(fast, distributed, elbo, model, guide, args, kwargs, report):
+    """The compiled step and the path's description (``pyroflows.compiled``)."""
+    if not fast:
+        return None, "general (fast=False)"
+    if distributed:
+        return None, "general (distributed=True: each rank would decide alone)"
+    particles = elbo.num_particles if elbo.num_particles > 1 else 0
+    compiled, why = compile_step(elbo, model, guide, args, kwargs, particles)
+    if compiled is None:
+        report.note(f"general path (no compiled step: {why})")
+        return None, f"general ({why})"
+    report.note(f"compiled the step in {compiled.compile_time:.1f} s")
+    return compiled, "compiled"
+
+
 def _objective(loss, num_particles, guide):
     """The ELBO instance for ``loss``, and whether the guide must score with stopped params."""
     if isinstance(loss, ELBO):
@@ -287,7 +326,7 @@ def _objective(loss, num_particles, guide):
     if loss in ("iwae", "dreg"):
         return ImportanceWeightedELBO(num_particles, dreg=loss == "dreg"), False
     vectorize = num_particles > 1
-    return Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize), loss == "stl"
+    return FlowELBO(num_particles=num_particles, vectorize_particles=vectorize), loss == "stl"
 
 
 def _diagnose(model, guide, args, kwargs, warn: bool = True):

@@ -48,6 +48,9 @@ SEQUENTIAL_PROPOSALS = 1000  # for a model that does not broadcast over draws
 MAX_PROPOSALS = 40_000  # when k-hat is fine but the ESS short: draw up to this many
 R_HAT_LIMIT = 1.01
 NEUTRA_MIN_SECONDS = 10.0  # a chain needs its warm-up: not started with less time left
+# Compiling a step costs seconds up front (about 150 general steps' worth): with less of
+# the budget left than this, the general path's first step comes sooner.
+COMPILE_MIN_SECONDS = 20.0
 NEUTRA_TARGET_ACCEPT = 0.9  # smaller steps where the flow leaves curvature (funnel necks)
 MCMC_MIN_ESS = 400  # Vehtari et al. (2021)'s bulk-ESS rule for MCMC draws
 # Resampled draws are accepted below this k-hat (finite variance of the weights), not at
@@ -297,6 +300,7 @@ class _Run:
             progress=self.progress,
             diagnose=False,
             callbacks=[enough],
+            fast=self.left() > COMPILE_MIN_SECONDS,
             model_kwargs=self.kwargs,
             **settings,
         )

@@ -10,17 +10,26 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.infer import ELBO
+from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.enum import get_importance_trace
+from pyro.infer.util import is_identically_zero
 from pyro.util import warn_if_nan
 
 from .draws import sum_per_draw
 from .scoring import scoring
 
-__all__ = ["ImportanceWeightedELBO"]
+__all__ = ["FlowELBO", "ImportanceWeightedELBO"]
 
 
-class ImportanceWeightedELBO(ELBO):
+class _PlateNesting:
+    def guess_plate_nesting(self, model, guide, args, kwargs) -> None:
+        """Find ``max_plate_nesting`` now (Pyro's ELBOs guess it at their first step), so
+        that a trace of one step has its particle plate where every later step has it."""
+        if self.vectorize_particles and self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+
+
+class ImportanceWeightedELBO(_PlateNesting, ELBO):
     r"""The importance-weighted ELBO (IWAE bound) with ``K = num_particles`` draws.
 
     ``log (1/K) sum_k p(x, z_k) / q(z_k)`` is a tighter bound than the ELBO for ``K > 1`` and
@@ -73,7 +82,7 @@ class ImportanceWeightedELBO(ELBO):
 
     def _log_weights(self, model, guide, args, kwargs):
         """``(K,)`` log p(x, z_k) - log q(z_k) and the guide trace that drew the ``z_k``."""
-        if self.max_plate_nesting == float("inf"):
+        if self.vectorize_particles and self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
         model_trace, guide_trace = self._get_vectorized_trace(model, guide, args, kwargs)
         # The particle plate sits at dim -max_plate_nesting (none for a single particle).
@@ -110,11 +119,15 @@ class ImportanceWeightedELBO(ELBO):
         w = weights.reshape((-1,) + (1,) * (z.dim() - 1))
         z.register_hook(lambda grad: torch.where(w > 0, grad * w if squared else grad, 0.0))
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
+    def surrogate(self, model, guide, args, kwargs):
+        """``(loss, surrogate)``: the negative bound (detached) and a scalar whose gradient
+        is the estimator's (DReG or IWAE). ``fit``'s compiled step traces this function."""
         if not self.dreg:
-            loss = self.differentiable_loss(model, guide, *args, **kwargs)
-            loss.backward(retain_graph=self.retain_graph)
-            return loss.item()
+            log_w, guide_trace = self._log_weights(model, guide, args, kwargs)
+            weights = torch.softmax(log_w.detach(), dim=0)
+            self._guard_draws(guide, guide_trace, weights, squared=False)
+            loss = -_log_mean_exp(log_w)
+            return loss.detach(), loss
         with scoring(guide, stopped=True):
             log_w, guide_trace = self._log_weights(model, guide, args, kwargs)
         loss = -_log_mean_exp(log_w.detach())
@@ -123,11 +136,45 @@ class ImportanceWeightedELBO(ELBO):
         # gradient w_k dlog w_k/dz_k; the hook multiplies the latter by w_k once more
         # (DReG's squared weights) on its way back to the guide's parameters.
         self._guard_draws(guide, guide_trace, weights, squared=True)
-        surrogate = -torch.where(weights > 0, weights * log_w, 0.0).sum()
+        return loss, -torch.where(weights > 0, weights * log_w, 0.0).sum()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        loss, surrogate = self.surrogate(model, guide, args, kwargs)
         warn_if_nan(surrogate, "surrogate loss")
         if surrogate.requires_grad:
             surrogate.backward(retain_graph=self.retain_graph)
         return loss.item()
+
+
+class FlowELBO(_PlateNesting, Trace_ELBO):
+    """Pyro's ``Trace_ELBO``, with the loss and its surrogate also as tensors (``surrogate``)
+    for ``fit``'s compiled step; as Pyro's everywhere else."""
+
+    def surrogate(self, model, guide, args, kwargs):
+        """``(loss, surrogate)`` as ``Trace_ELBO`` computes them, as tensors (no ``.item()``):
+        the model's scaled and masked log densities less the guide's entropy terms. Guides
+        with non-reparametrised sites (score-function terms) are refused."""
+        loss = surrogate = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            elbo = surrogate_elbo = _log_prob_sum(model_trace)
+            for name, site in guide_trace.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                _, score_function, entropy = site["score_parts"]
+                if not is_identically_zero(score_function):
+                    raise NotImplementedError(
+                        f"FlowELBO.surrogate: guide site {name!r} is not reparametrised"
+                    )
+                elbo = elbo - site["log_prob_sum"]
+                if not is_identically_zero(entropy):
+                    surrogate_elbo = surrogate_elbo - entropy.sum()
+            loss = loss - elbo.detach() / self.num_particles
+            surrogate = surrogate - surrogate_elbo / self.num_particles
+        return loss, surrogate
+
+
+def _log_prob_sum(trace):
+    return sum(site["log_prob_sum"] for site in _samples(trace))
 
 
 def _samples(trace):

@@ -14,6 +14,7 @@ import warnings
 import torch
 from pyro import poutine
 from pyro.infer.autoguide.initialization import init_to_median as pyro_init_to_median
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import biject_to, constraints
 
@@ -28,6 +29,7 @@ __all__ = [
     "enumerated",
     "init_to_median",
     "split_latent",
+    "structure_signature",
     "unconstrained_energy",
     "unpack_with_log_det",
 ]
@@ -188,6 +190,32 @@ def check_plate_sizes(model, prototype_trace, args, kwargs) -> None:
                     "arguments. A guide's parameters are made for its plates' sizes: create "
                     "a new guide for the new data."
                 )
+
+
+def structure_signature(trace) -> tuple:
+    """What a compiled step freezes of one run: per sample site its name, distribution,
+    shapes, support, observed or not, plates (name, dim, size), and whether it is scaled or
+    masked, in the order the sites ran."""
+
+    def plates(site):
+        return tuple((f.name, f.dim, f.size) for f in site["cond_indep_stack"])
+
+    return tuple(
+        (
+            name,
+            type(site["fn"]).__name__,
+            tuple(site["fn"].batch_shape),
+            tuple(site["fn"].event_shape),
+            str(site["fn"].support),
+            site["is_observed"],
+            tuple(site["value"].shape) if isinstance(site["value"], Tensor) else None,
+            plates(site),
+            isinstance(site["scale"], Tensor) or site["scale"] != 1.0,
+            site["mask"] is not None,
+        )
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    )
 
 
 def check_layout(expected: Layout, actual: Layout) -> None:

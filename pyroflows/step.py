@@ -34,7 +34,29 @@ class GuardedStep:
         self.known: set[int] = set()
         self.names: dict[int, str] = {}
 
-    def step(self, elbo, model, guide, args, kwargs, lr, step):
+    def step(self, elbo, model, guide, args, kwargs, lr, step, compiled=None):
+        """One guarded step; its gradients from ``compiled`` (a ``CompiledStep``) if given,
+        else from ``elbo`` through Pyro. Everything after the gradients is the same."""
+        if compiled is not None:
+            value, params = compiled.loss_and_grads()
+        else:
+            value, params = self._general(elbo, model, guide, args, kwargs, step)
+        if self.distributed:
+            value = self._synchronise(params, value)
+        try:
+            self._check(float(value), params, model, guide, args, kwargs, step)
+            before = torch._foreach_mul(list(params), 1.0)  # to undo a non-finite update
+            if self.optim is not None:
+                self.optim(list(params))
+            else:
+                self._torch_step(params, lr)
+            self._check_update(params, before, lr, step)
+        finally:
+            for param in params:  # as torch's zero_grad(set_to_none=True)
+                param.grad = None
+        return float(value)
+
+    def _general(self, elbo, model, guide, args, kwargs, step):
         try:
             with poutine.trace(param_only=True) as param_capture:
                 value = elbo.loss_and_grads(model, guide, *args, **kwargs)
@@ -64,19 +86,7 @@ class GuardedStep:
             for name, site in param_capture.trace.nodes.items()
             if site["type"] == "param"
         }
-        if self.distributed:
-            value = self._synchronise(params, value)
-        try:
-            self._check(value, params, model, guide, args, kwargs, step)
-            before = torch._foreach_mul(list(params), 1.0)  # to undo a non-finite update
-            if self.optim is not None:
-                self.optim(list(params))
-            else:
-                self._torch_step(params, lr)
-            self._check_update(params, before, lr, step)
-        finally:
-            pyro.infer.util.zero_grads(set(params))
-        return float(value)
+        return value, params
 
     def setup_guide(self, guide, args, kwargs):
         """Create the guide's parameters now and make every rank hold rank 0's."""
