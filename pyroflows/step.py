@@ -1,9 +1,11 @@
 """One guarded SVI step: parameters traced as ``SVI.step`` does, a NaN guard, the update.
 
 The update is one ``torch.optim.Adam`` over all parameters (fused kernels where torch has
-them for these tensors, else ``foreach``) unless an ``optim=`` is given: Pyro's optimizers keep one optimizer per tensor. Before any update the
-loss and every gradient are checked; a non-finite one raises ``FitError`` naming the step and,
-where it can be found, the site or parameter, and nothing is updated.
+them for these tensors, else ``foreach``) unless an ``optim=`` is given: Pyro's optimizers
+keep one optimizer per tensor. Before any update the loss and every gradient are checked; a
+non-finite one raises ``FitError`` naming the step and, where it can be found, the site or
+parameter, and nothing is updated. The gradients come from Pyro (``SVI.step``'s way) or from
+``fit``'s compiled step (``pyroflows.compiled``).
 """
 
 from __future__ import annotations
