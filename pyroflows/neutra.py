@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from contextlib import contextmanager
@@ -120,13 +121,18 @@ def neutra_chain(
     deadline: float | None = None,
     jit: bool = True,
     target_accept_prob: float = 0.8,
+    min_ess: float | None = None,
+    max_samples: int | None = None,
 ) -> NeutraChain:
     """One NeuTra NUTS chain driven step by step, so that it can end at a deadline.
 
     ``deadline`` is a ``time.perf_counter()`` value: past it, warm-up ends early and the
     chain keeps the draws it has (at least ten are needed for a diagnostic). The chain starts
     at a draw of the flow's base distribution: the fitted guide's own typical set.
-    ``target_accept_prob`` is NUTS's (higher: smaller steps, fewer divergences).
+    ``target_accept_prob`` is NUTS's (higher: smaller steps, fewer divergences). With
+    ``min_ess``, a chain whose bulk ESS falls short of it after ``num_samples`` draws runs on
+    (in steps sized by the ESS per draw so far) up to ``max_samples`` draws (default
+    ``4 * num_samples``) or the deadline, and keeps every draw.
 
     Example:
         >>> import pyro.distributions as dist
@@ -169,23 +175,33 @@ def neutra_chain(
             # An adaptation cut short still leaves a valid chain (the kernel stops adapting):
             # skipping the rest of warm-up is honest as long as the diagnostics say so.
             end_warmup(kernel, warmup)
-            draws = []
-            while len(draws) < num_samples:
+            draws, target = [], num_samples
+            limit = max_samples or 4 * num_samples
+            while len(draws) < target:
                 params = kernel.sample(params)
                 draws.append(params[name].detach().clone())
                 if deadline is not None and time.perf_counter() > deadline and len(draws) >= 10:
                     stopped = stopped or f"the time budget ended the chain at {len(draws)} draws"
                     break
+                if len(draws) == target and min_ess is not None and target < limit:
+                    ess = _diagnostics(torch.stack(draws))[1]
+                    if ess < min_ess:  # run on, sized by the ESS per draw so far
+                        target = min(limit, math.ceil(target * 1.2 * min_ess / max(ess, 1.0)))
             divergences = list(kernel.diagnostics()["divergences"])
         finally:
             kernel.cleanup()
         shared = torch.stack(draws)
         latent = _to_sites(guide, reparam, shared)
-    base = shared.double().unsqueeze(0)  # (chain, draw, dim)
-    r_hat = float(split_gelman_rubin(base, chain_dim=0, sample_dim=1).max())
-    ess = float(effective_sample_size(base, chain_dim=0, sample_dim=1).min())
+    r_hat, ess = _diagnostics(shared)
     seconds = time.perf_counter() - start
     return NeutraChain(latent, len(draws), warmup, divergences, r_hat, ess, seconds, stopped)
+
+
+def _diagnostics(draws) -> tuple[float, float]:
+    """The largest split R-hat and the smallest bulk ESS of one chain's ``(draw, dim)``."""
+    base = draws.double().unsqueeze(0)  # (chain, draw, dim)
+    r_hat = float(split_gelman_rubin(base, chain_dim=0, sample_dim=1).max())
+    return r_hat, float(effective_sample_size(base, chain_dim=0, sample_dim=1).min())
 
 
 def _check_guide(guide):
