@@ -176,7 +176,7 @@ def test_mcmc_draws_carry_deterministic_sites_and_a_summary_with_r_hat(caplog):
     posterior = infer(shifted, y, num_samples=300, seed=0, progress=False, stages=("neutra",))
     assert posterior.kind == "mcmc"
     samples = posterior.samples
-    assert samples["shifted"].shape == samples["mu"].shape == (300,)
+    assert samples["shifted"].shape == samples["mu"].shape and len(samples["mu"]) >= 300
     assert torch.allclose(samples["shifted"], samples["mu"] + 10.0)
     table = posterior.summary()
     assert "shifted" in table.index and "r_hat" in table.columns
