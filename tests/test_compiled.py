@@ -287,3 +287,15 @@ def test_a_non_finite_step_fails_alike_on_both_paths(float64):
     assert paths[True]  # the compiled step was taken
     assert errors[True].step == errors[False].step == 6
     assert errors[True].site == errors[False].site == "x"
+
+
+def test_new_arguments_are_traced_anew():
+    # The graph holds the data it was traced with: a second fit on other data must not
+    # keep stepping on the first data.
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(conjugate, init="prior")
+    first = fit(conjugate, guide, torch.full((5,), -3.0), num_steps=400, seed=0, **QUIET)
+    second = fit(conjugate, guide, torch.full((5,), 3.0), num_steps=800, seed=0, **QUIET)
+    assert first.path == second.path == "compiled"
+    exact = 15.0 / (1 / 4 + 5)  # the posterior mean for the second data
+    assert abs(float(guide.median()["mu"]) - exact) < 0.2
