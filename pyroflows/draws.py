@@ -245,12 +245,18 @@ def _site_infos(model_trace, guide_trace):
             kind = "latent"
         value = site["value"]
         batch_shape = fn.batch_shape if kind != "deterministic" else torch.Size()
+        extra = len(batch_shape) - (value.dim() - len(fn.event_shape))
+        if kind == "observed" and extra > 0 and all(n == 1 for n in batch_shape[:extra]):
+            batch_shape = batch_shape[extra:]  # data broadcast up by leading size-1 dims only
         plates = {}
-        # A deterministic site has no batch shape of its own; align its plates from the right.
-        aligned = len(value.shape) if kind == "deterministic" else len(batch_shape)
+        # Plates index the batch shape from the right (observed data may be shorter than the
+        # batch shape it broadcasts to); a deterministic site has no batch shape of its own,
+        # so its plates are aligned from the right of its value.
+        dims_of = value.shape if kind == "deterministic" else batch_shape
+        aligned = len(dims_of)
         for frame in site["cond_indep_stack"]:
             index = aligned + frame.dim
-            if frame.vectorized and 0 <= index < aligned and value.shape[index] == frame.size:
+            if frame.vectorized and 0 <= index < aligned and dims_of[index] == frame.size:
                 plates[index] = frame.name
         sites[name] = SiteInfo(
             name=name,

@@ -22,6 +22,7 @@ from pyroflows import (
     neutra,
     psis,
     psis_diagnostic,
+    to_inference_data,
 )
 
 with warnings.catch_warnings():
@@ -203,3 +204,26 @@ def test_neutra_on_centred_eight_schools_matches_the_reference():
     mcse = float(az.mcse(idata, var_names=["tau"])["tau"])
     assert abs(tau_mean - reference["mean"]) < 3 * mcse, (tau_mean, mcse)
     assert "diverging" in idata.sample_stats
+
+
+def test_observed_data_broadcast_up_to_the_batch_shape_is_drawn():
+    # A likelihood with batch shape (1, N) observing y of shape (N,) (the groups' dim kept
+    # left of the data plate, so that draws broadcast) crashed draw() with an IndexError: the
+    # plates were looked up in the value's shape at the batch shape's indices.
+    def model(x, group, y):
+        with pyro.plate("groups", 3, dim=-2), pyro.plate("predictors", 2, dim=-1):
+            beta = pyro.sample("beta", dist.Normal(0.0, 1.0))
+        logits = (x * beta[..., group, :]).sum(-1).unsqueeze(-2)
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
+
+    x, group = torch.randn(12, 2), torch.arange(12) % 3
+    y = torch.bernoulli(torch.full((12,), 0.5))
+    guide = AutoFlowGuide(model, init="prior").setup(x, group, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # vectorised: no fallback to one draw at a time
+        result = psis_diagnostic(model, guide, x, group, y, num_samples=50)
+        idata = to_inference_data(model, guide, x, group, y, num_samples=20)
+    assert math.isfinite(result.k_hat)
+    assert idata.log_likelihood["y"].sizes["data"] == 12
+    assert idata.posterior["beta"].shape == (1, 20, 3, 2)
