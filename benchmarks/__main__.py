@@ -5,7 +5,8 @@
     python -m benchmarks --report             # only re-render RESULTS.md from results/
     python -m benchmarks --family             # every registered flow on a few posteriors
     python -m benchmarks --protocol svi --steps 5000   # plain SVI (the earlier study's loop)
-    python -m benchmarks.cost --scaling       # ms/step and the d = 10 ... 10,000 sweep
+    python -m benchmarks.cost                 # fit (compiled step) against AutoNormal
+    python -m benchmarks.cost --guides --scaling  # ms/step of every guide, d = 10 ... 10,000
 
 Accuracy rows are appended to ``results/accuracy.jsonl`` (one fresh process per run, see
 ``benchmarks/accuracy.py``); the report keeps the newest row per (posterior, guide, seed,

@@ -88,6 +88,8 @@ def guide_factories(dim: int) -> dict:
 # They are scored on the draws a user would use: the guide's own, or ``importance_resample``'s.
 VARIANTS = {
     "AutoFlowGuide + importance_resample": ("AutoFlowGuide", {}, True),
+    # Pyro's general path instead of fit's compiled step (benchmarks.cost --convergence)
+    "AutoFlowGuide fast=False": ("AutoFlowGuide", {"fast": False}, False),
     "AutoFlowGuide loss='dreg' K=8": ("AutoFlowGuide", {"loss": "dreg", "num_particles": 8}, False),
     "AutoFlowGuide loss='dreg' K=8 + importance_resample": (
         "AutoFlowGuide",
@@ -203,6 +205,8 @@ def run_one(job: dict) -> dict:
         steps = [b - a for a, b in itertools.pairwise(stamps)]
         row["ms_per_step"] = 1e3 * statistics.median(steps) if steps else None
         row["steps"] = result.num_steps
+        row["fit_seconds"] = result.wall_time + result.setup_time
+        row["path"] = result.path
         row["converged"] = result.converged
         row["dim"] = dim
     except Exception as error:  # a diverged or failed fit is a result too

@@ -1,4 +1,5 @@
-"""Milliseconds per SVI step: AutoFlowGuide beside Pyro's guides, and scaling with dimension.
+"""Milliseconds per SVI step: ``fit``'s compiled step against AutoNormal (the default run,
+``benchmarks.step_cost``), AutoFlowGuide beside Pyro's guides, and scaling with dimension.
 
 Every guide trains the same model with ``SVI`` + ``Trace_ELBO`` (1 particle; two rows
 price ``fit``'s other objectives on the default guide) and
@@ -10,8 +11,10 @@ machine load hits them alike; the median over the timed steps is reported.
 - a hierarchical model with d = 10, 100, 1000, 10000 group effects (``--scaling``):
   AutoNormal beside the default AutoFlowGuide.
 
-    python -m benchmarks.cost                 # eight schools
-    python -m benchmarks.cost --scaling       # and the d sweep
+    python -m benchmarks.cost                 # fit against AutoNormal: results/fast_path.md
+    python -m benchmarks.cost --convergence   # wall time to convergence, 14 posteriors
+    python -m benchmarks.cost --guides        # eight schools, every guide: results/cost.md
+    python -m benchmarks.cost --guides --scaling       # and the d sweep
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ from pyro.infer.autoguide import (
 
 from pyroflows import AutoFlowGuide, ImportanceWeightedELBO
 
+from . import step_cost
 from .posteriors import eight_schools_centered
 
 OUT = Path(__file__).parent / "results" / "cost.md"
+FAST_PATH = Path(__file__).parent / "results" / "fast_path.md"
+CONVERGENCE = Path(__file__).parent / "results" / "fast_path_convergence.md"
 
 
 def hierarchical(groups: int):
@@ -84,9 +90,21 @@ def median_ms(model, args, guides: dict, steps: int, warmup: int = 30) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--guides", action="store_true")
+    parser.add_argument("--convergence", action="store_true")
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.convergence:
+        lines = step_cost.convergence()
+        CONVERGENCE.write_text("\n".join(lines) + "\n")
+        print(f"wrote {CONVERGENCE}")
+        return
+    if not args.guides:
+        lines = step_cost.run()
+        FAST_PATH.write_text("\n".join(lines) + "\n")
+        print(f"wrote {FAST_PATH}")
+        return
     torch.set_num_threads(args.threads)
     lines = [
         "# Milliseconds per SVI step",

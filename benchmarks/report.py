@@ -188,6 +188,12 @@ def render() -> None:
 
 
 INCLUDED = [
+    ("fast_path.md", "### fit's compiled step against AutoNormal (python -m benchmarks.cost)"),
+    (
+        "fast_path_convergence.md",
+        "### Wall time to convergence, compiled and general (python -m benchmarks.cost "
+        "--convergence)",
+    ),
     ("infer_route.md", None),
     ("infer.md", "### infer against Pyro's NUTS (python -m benchmarks.infer)"),
     ("quickstart.md", "### The README quickstart at seeds 0-19 (python -m benchmarks.quickstart)"),
