@@ -86,7 +86,8 @@ def render() -> None:
         "# Benchmark results",
         "",
         "Regenerate with `python -m benchmarks` (accuracy; one fresh process per run) and "
-        "`python -m benchmarks.cost --scaling` (speed). Every guide: `pyroflows.fit`, Adam "
+        "`python -m benchmarks.cost [--guides --scaling]` (speed). Every guide: "
+        "`pyroflows.fit`, Adam "
         f"lr 1e-2 with warm-up and the plateau schedule, at most {budget} steps with early "
         f"stopping by the same rule, 1 particle, `init_to_median`; seeds {seeds}; metrics on "
         "10,000 guide draws. Δmean and log sd ratio per parameter, in reference sds; W1 = "
