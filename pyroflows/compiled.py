@@ -181,7 +181,7 @@ def general_loss(objective, model, guide, args, kwargs, draws: Tensor) -> Tensor
 
 def _unsupported(objective, guide) -> str:
     if not hasattr(guide, "latent_site_name") or not hasattr(guide, "loc"):
-        return f"the guide is a {type(guide).__name__}, not a set-up AutoFlowGuide"
+        return f"the guide is {type(guide).__name__}, not an AutoFlowGuide"
     if getattr(guide, "_base", "normal") != "normal":
         return "the guide's Student-t base draws through a learnable parameter"
     return ""
