@@ -27,7 +27,6 @@ __all__ = [
     "NOT_VECTORISED_HINT",
     "Draws",
     "SiteInfo",
-    "deterministic_at",
     "draw",
     "evaluate_at",
     "is_shape_error",
@@ -183,14 +182,6 @@ def evaluate_at(
     if predictive:
         out["predictive"] = _predict(vectorized, args, kwargs, draws.sites, num, mpn)
     return out
-
-
-def deterministic_at(model, guide, args, kwargs, values: dict[str, Tensor]) -> dict:
-    """The model's ``pyro.deterministic`` sites at given latent values (``(S, *shape)`` per
-    latent site), vectorised: ``{site: (S, *shape)}``."""
-    probe = draw(model, guide, args, kwargs, 1)
-    evaluated = evaluate_at(model, args, kwargs, probe, values)["values"]
-    return {n: v for n, v in evaluated.items() if probe.sites[n].kind == "deterministic"}
 
 
 def log_joint_at(model, args, kwargs, draws: Draws, values: dict[str, Tensor]) -> Tensor:

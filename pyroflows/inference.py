@@ -32,7 +32,7 @@ import pyro
 
 from .calls import model_keywords
 from .diagnostics import importance_resample
-from .draws import NOT_VECTORISED_HINT, deterministic_at, runs_vectorised
+from .draws import NOT_VECTORISED_HINT, draw, evaluate_at, runs_vectorised
 from .fit import fit
 from .guides import AutoFlowGuide
 from .neutra import neutra_chain
@@ -266,9 +266,7 @@ class _Run:
         label = f"exact MCMC on the flow (NeuTra), R-hat {chain.r_hat:.2f}, ESS {chain.ess:.0f}"
         samples = dict(chain.samples)
         if self.vectorised:  # as resampled draws have them
-            samples.update(
-                deterministic_at(self.model, self.guide, self.args, self.kwargs, chain.samples)
-            )
+            samples.update(self.deterministic_at(chain.samples))
         posterior = self.posterior(samples, "mcmc", diagnostics, chain)
         # An unaccepted chain still beats unaccepted importance draws if it mixed at all.
         usable = math.isfinite(chain.r_hat) and chain.r_hat < 1.1 and chain.ess >= 100
@@ -307,6 +305,12 @@ class _Run:
             **settings,
         )
         return f"{result.num_steps} steps ({why[0] if why else result.reason}); "
+
+    def deterministic_at(self, latent: dict) -> dict:
+        """The model's deterministic sites at each row of ``latent`` (vectorised)."""
+        probe = draw(self.model, self.guide, self.args, self.kwargs, 1)
+        values = evaluate_at(self.model, self.args, self.kwargs, probe, latent)["values"]
+        return {n: v for n, v in values.items() if probe.sites[n].kind == "deterministic"}
 
     def weigh(self, stage: Stage) -> None:
         """Importance-resample the guide's draws and judge them; keep the best answer.
