@@ -1,7 +1,7 @@
 """One guarded SVI step: parameters traced as ``SVI.step`` does, a NaN guard, the update.
 
-The update is one ``torch.optim.Adam`` over all parameters (fused kernels where torch has
-them for these tensors, else ``foreach``) unless an ``optim=`` is given: Pyro's optimizers
+The update is one ``torch.optim.Adam`` over all parameters (``foreach`` kernels) unless an
+``optim=`` is given: Pyro's optimizers
 keep one optimizer per tensor. Before any update the loss and every gradient are checked; a
 non-finite one raises ``FitError`` naming the step and, where it can be found, the site or
 parameter, and nothing is updated. The gradients come from Pyro (``SVI.step``'s way) or from
@@ -120,7 +120,7 @@ class GuardedStep:
         if fresh:
             self.known.update(id(p) for p in fresh)
             if self.torch_optim is None:
-                self.torch_optim = _adam(fresh, lr)
+                self.torch_optim = torch.optim.Adam(fresh, lr=lr, foreach=True)
             else:
                 self.torch_optim.add_param_group({"params": fresh})
         for group in self.torch_optim.param_groups:
@@ -171,16 +171,6 @@ class GuardedStep:
             step,
             bad[0],
         )
-
-
-def _adam(params, lr):
-    """Adam with fused kernels (one pass over each tensor: at d = 1000 the default flow's
-    update took 1.1 ms where foreach took 8.7, benchmarks/RESULTS.md), or foreach kernels
-    where torch has no fused ones for these tensors."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except RuntimeError:
-        return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
 def _batched_particles(elbo) -> bool:
