@@ -70,6 +70,8 @@ def guide_factories(dim: int) -> dict:
         "Pyro spline_coupling x4": functools.partial(pyro_flow, spline_coupling),
         "AutoFlowGuide": AutoFlowGuide,
         "AutoFlowGuide init='prior'": functools.partial(AutoFlowGuide, init="prior"),
+        # the schools as local latents (issue "subsampled local latents"): eight schools only
+        "AutoFlowGuide local_plates=['J']": functools.partial(AutoFlowGuide, local_plates=["J"]),
         # matched architectures: the same layers and widths as the Pyro guide beside them
         "AutoFlowGuide iaf x1 [3d+1] (= AutoIAFNormal)": functools.partial(
             AutoFlowGuide, flow="iaf", num_layers=1, hidden_dims=[3 * dim + 1]

@@ -203,6 +203,13 @@ def from_importance_resample(result) -> az.InferenceData:
     return _build(draws, groups, attrs, chains=1)
 
 
+def from_guide_draws(samples: dict, why: str) -> az.InferenceData:
+    """Plain guide draws (no weights, no chain) in one pseudo-chain, saying why."""
+    posterior = {k: v.detach().cpu().numpy()[None] for k, v in samples.items()}
+    attrs = {"inference_library": "pyroflows", "inference_method": f"guide draws ({why})"}
+    return az.from_dict(posterior=posterior, attrs=attrs)
+
+
 def from_neutra(model, guide, args, kwargs, latent, chains, draws_per_chain, divergent):
     """NeuTra draws as chains; ``divergent[c]`` lists chain ``c``'s divergent draws."""
     probe = draw(model, guide, args, kwargs, 1)

@@ -184,6 +184,8 @@ def _unsupported(objective, guide) -> str:
         return f"the guide is {type(guide).__name__}, not an AutoFlowGuide"
     if getattr(guide, "_base", "normal") != "normal":
         return "the guide's Student-t base draws through a learnable parameter"
+    if getattr(guide, "local_sites", ()):
+        return "the guide has local latents, drawn per member outside the flow's vector"
     return ""
 
 

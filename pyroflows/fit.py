@@ -25,7 +25,9 @@ from . import distributed as dist_
 from .calls import model_keywords
 from .compiled import Disagreement, compile_step
 from .diagnostics import psis_diagnostic
+from .draws import SubsampledModel
 from .guides import AutoFlowGuide
+from .locals import sparse_gradients
 from .objectives import FlowELBO, ImportanceWeightedELBO
 from .progress import FitError, Progress, check_setting
 from .schedule import Schedule
@@ -64,6 +66,7 @@ class FitResult:
             not part of ``wall_time``.
         path: ``"compiled"``, or ``"general"`` and why (see ``fit``'s ``fast``).
         diagnostic: the PSIS diagnostic of the fitted guide (``None`` if not computed).
+        diagnostic_note: why it was not computed, where it was skipped.
     """
 
     guide: object
@@ -76,6 +79,7 @@ class FitResult:
     diagnostic: object = None
     setup_time: float = 0.0
     path: str = "general"
+    diagnostic_note: str = ""
 
     @property
     def final_loss(self) -> float:
@@ -99,6 +103,8 @@ class FitResult:
         )
         if self.diagnostic is not None:
             text += f"\n{self.diagnostic.summary()}"
+        if self.diagnostic_note:
+            text += f"\n{self.diagnostic_note}"
         return text
 
     def __str__(self) -> str:
@@ -230,11 +236,13 @@ def fit(
         update.setup_guide(guide, args, kwargs)
     report = Progress(progress, num_steps)
     setup_time = 0.0 if distributed else _set_up(guide, args, kwargs, report)
+    sparse = _sparse_rows(guide, elbo, loss, optim, distributed, report)
     losses: list[float] = []
     lr_history: list[float] = []
     reason = None
     try:
-        with scoring(guide, stopped=True) if stl else nullcontext():
+        stopped = scoring(guide, stopped=True) if stl else nullcontext()
+        with stopped, sparse_gradients(guide.locals) if sparse else nullcontext():
             compiled, path = _compile(fast, distributed, elbo, model, guide, args, kwargs, report)
             setup_time += compiled.compile_time if compiled is not None else 0.0
             start = time.perf_counter()
@@ -277,7 +285,10 @@ def fit(
     )
     if diagnose:
         # The display's closing summary carries the verdict: a warning too would repeat it.
-        result.diagnostic = _diagnose(model, guide, args, kwargs, warn=not report.mode)
+        try:
+            result.diagnostic = _diagnose(model, guide, args, kwargs, warn=not report.mode)
+        except SubsampledModel as error:
+            result.diagnostic_note = f"no k-hat: {error}"
     report.finish(result)
     return result
 
@@ -296,6 +307,22 @@ def _set_up(guide, args, kwargs, report: Progress) -> float:
     seconds = time.perf_counter() - start
     report.note(f"{type(guide).__name__} set up in {seconds:.1f} s: {guide.start_description}")
     return seconds
+
+
+def _sparse_rows(guide, elbo, loss, optim, distributed, report) -> bool:
+    """Whether the guide's per-member rows take lazy updates (sparse gradients): only the
+    default optimizer takes them (``RowAdam``), and distributed averaging cannot reduce them.
+    Refuses an importance-weighted loss for a guide with local latents."""
+    if getattr(guide, "locals", None) is None:
+        return False
+    if isinstance(elbo, ImportanceWeightedELBO):
+        report.close()
+        raise ValueError(
+            f"fit: loss={loss!r} weighs whole draws of the guide, and this guide has local "
+            f"latents ({', '.join(guide.local_sites)}), drawn per member outside the flow; "
+            "use loss='elbo' or 'stl'"
+        )
+    return optim is None and not distributed
 
 
 def _compile(fast, distributed, elbo, model, guide, args, kwargs, report):
@@ -334,6 +361,8 @@ def _diagnose(model, guide, args, kwargs, warn: bool = True):
         return None
     try:
         result = psis_diagnostic(model, guide, *args, num_samples=1000, **kwargs)
+    except SubsampledModel:
+        raise  # not a failure: said in the summary
     except Exception as error:  # a diagnostic must not lose a finished fit
         warnings.warn(f"fit: the PSIS diagnostic could not be computed: {error}", stacklevel=3)
         return None

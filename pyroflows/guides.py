@@ -42,6 +42,15 @@ from .architecture import (
     validate_flow_spec,
 )
 from .laplace import LaplaceStart, laplace_start
+from .locals import (
+    LocalLatents,
+    LocalSite,
+    check_local_sites,
+    check_subsampling,
+    find_local_sites,
+    guide_plates,
+    take_local_sites,
+)
 from .scoring import FlowInverter, FlowPosterior, StoppedScore
 from .sites import (
     arguments_signature,
@@ -101,7 +110,11 @@ class AutoFlowGuide(AutoContinuous):
             IAF layer), and needs a flow with an analytic inverse (``transforms.invertible``).
             Off by default: far from the optimum its variance slows the start
             (``benchmarks/RESULTS.md``, "Design measurements"); it pays off close to it.
-        create_plates: as for Pyro's autoguides.
+        create_plates: as for Pyro's autoguides: guide-side plates, e.g. with the indices a
+            model gives its plate explicitly (``pyro.plate(..., subsample=idx)``).
+        local_plates: plates whose latents are local (``pyroflows.locals``): per-member
+            parameters plus a network conditioned on the globals, outside the flow. Latents
+            in a subsampled plate are always local; name a full plate here to treat it so.
         name: the prefix of this guide's parameters in Pyro's param store (default: a
             unique ``"AutoFlowGuide"``, ``"AutoFlowGuide_2"``, ...).
         flow_kwargs: further architecture keywords for the flow (``count_bins``, ``bound``,
@@ -133,6 +146,7 @@ class AutoFlowGuide(AutoContinuous):
         affine: str = "auto",
         stl: bool = False,
         init: str = "auto",
+        local_plates: Sequence[str] = (),
         **flow_kwargs,
     ):
         # An explicit start (either argument) is a warm start and wins over init="auto".
@@ -157,9 +171,18 @@ class AutoFlowGuide(AutoContinuous):
         self.stl = stl
         self._init_scale = init_scale
         self._init = init
+        self.local_plates = tuple(local_plates)
+        self.locals: LocalLatents | None = None
         self._layout: list[tuple[str, tuple[int, ...]]] | None = None
         self._store_checked = False
         self._register_load_state_dict_pre_hook(self._prepare_to_load)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # Guides pickled before local latents existed have none.
+        if "locals" not in self._modules:
+            self.__dict__.setdefault("locals", None)
+        self.__dict__.setdefault("local_plates", ())
 
     # ----------------------------------------------------------------------------- setup
     @staticmethod
@@ -183,24 +206,37 @@ class AutoFlowGuide(AutoContinuous):
 
     def _trace_prototype(self, *args, **kwargs):
         AutoGuide._setup_prototype(self, *args, **kwargs)
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            check_latent_site(name, site)
+        # Before the locals leave the prototype: their supports must not move either.
+        check_dependent_supports(self.model, self.prototype_trace, args, kwargs)
+        local_sites = find_local_sites(self.prototype_trace, self.local_plates)
+        local_init = take_local_sites(self.prototype_trace, local_sites)
+        if local_sites:
+            sizes = check_subsampling(
+                self.model, local_sites, args, kwargs, self.create_plates is not None
+            )
+            self.__dict__["_plate_sizes"] = {arguments_signature(args, kwargs): sizes}
         sites = list(self.prototype_trace.iter_stochastic_nodes())
         if not sites:
             raise ValueError(
                 "AutoFlowGuide found no latent sample sites in the model (every site is "
                 "observed or enumerated); there is nothing to fit."
+                if not local_sites
+                else "AutoFlowGuide: every latent site of the model is local "
+                f"({', '.join(s.name for s in local_sites)}); the flow needs a global one"
             )
         self._unconstrained_shapes = {}
         self._cond_indep_stacks = {}
         for name, site in sites:
-            check_latent_site(name, site)
             transform = biject_to(site["fn"].support)
             self._unconstrained_shapes[name] = transform.inv(site["value"]).shape
             self._cond_indep_stacks[name] = site["cond_indep_stack"]
         self.latent_dim = sum(math.prod(s) for s in self._unconstrained_shapes.values())
-        check_dependent_supports(self.model, self.prototype_trace, args, kwargs)
         layout = [(name, tuple(shape)) for name, shape in self._unconstrained_shapes.items()]
         if self._layout is not None:  # parameters came from a state dict
             check_layout(self._layout, layout)
+            check_local_sites(self.locals, local_sites)
         else:
             self._layout = layout
             init_loc = self._init_loc()
@@ -209,7 +245,9 @@ class AutoFlowGuide(AutoContinuous):
             self.start_description = "prior start (init='prior')"
             if explicit:
                 self.start_description = "warm start (an explicit init_loc_fn or init_scale)"
-            if self._init != "prior" and not explicit:
+            if local_sites:
+                self.start_description = "prior start (local latents: no joint Laplace start)"
+            elif self._init != "prior" and not explicit:
                 start = self._laplace_start(init_loc, args, kwargs)
                 self.start_description = f"prior start (no sound Laplace start: {start.reason})"
                 if start.ok:
@@ -222,6 +260,15 @@ class AutoFlowGuide(AutoContinuous):
                         stacklevel=4,
                     )
             self._create_parameters(init_loc, laplace)
+            if local_sites:
+                self.locals = LocalLatents(
+                    local_sites, self.latent_dim, local_init, self._init_scale, init_loc
+                )
+
+    @property
+    def local_sites(self) -> tuple[str, ...]:
+        """The names of the local latent sites (``pyroflows.locals``), in model order."""
+        return () if self.locals is None else tuple(site.name for site in self.locals.sites)
 
     def setup(self, *args, **kwargs) -> AutoFlowGuide:
         """Trace the model and create the parameters now, with the model's arguments (the
@@ -345,7 +392,9 @@ class AutoFlowGuide(AutoContinuous):
                     "torch.func.functional_call, which JitTrace_ELBO cannot trace; use Trace_ELBO"
                 )
             posterior = StoppedScore(posterior, self._stopped_log_prob)
-        return pyro.sample(self.latent_site_name, posterior, infer={"is_auxiliary": True})
+        latent = pyro.sample(self.latent_site_name, posterior, infer={"is_auxiliary": True})
+        self.__dict__["_globals_draw"] = latent  # the locals' networks condition on it
+        return latent
 
     @property
     def flow_is_invertible(self) -> bool:
@@ -373,21 +422,47 @@ class AutoFlowGuide(AutoContinuous):
             self._check_plate_sizes(args, kwargs)
         if not self._store_checked:
             self._check_param_store()
-        return super().forward(*args, **kwargs)
+        result = super().forward(*args, **kwargs)
+        if self.locals is not None:
+            g_std = self._standardised(self._globals_draw)
+            result.update(self.locals.sample(g_std, self.plates))
+        return result
+
+    def _standardised(self, latent: Tensor) -> Tensor:
+        # The networks' input on a unit scale; detached: a reparametrisation of their input,
+        # not a path for gradients into loc and scale.
+        return (latent - self.loc.detach()) / self.scale.detach()
+
+    def _create_plates(self, *args, **kwargs):
+        # As Pyro's, but a local plate's subsample size follows the model's for these
+        # arguments (a last smaller batch, or all members for Predictive).
+        sizes = self.__dict__.get("_plate_sizes", {}).get(arguments_signature(args, kwargs), {})
+        user = self.create_plates(*args, **kwargs) if self.create_plates else ()
+        self.plates = guide_plates(user, self._prototype_frames, sizes)
+        return self.plates
 
     def _check_plate_sizes(self, args, kwargs):
         """New arguments (by shape and value) must not change the size of a latent's plate:
-        the guide's parameters were made for the sizes it was set up with."""
+        the guide's parameters were made for the sizes it was set up with. A local plate's
+        subsample may change (its size is then recorded for ``_create_plates``)."""
         signature = arguments_signature(args, kwargs)
         seen = self.__dict__.setdefault("_seen_arguments", set())
         if signature not in seen:
             check_plate_sizes(self.model, self.prototype_trace, args, kwargs)
+            if self.locals is not None:
+                guide_plates = self.create_plates is not None
+                sizes = check_subsampling(self.model, self.locals.sites, args, kwargs, guide_plates)
+                self.__dict__.setdefault("_plate_sizes", {})[signature] = sizes
             seen.add(signature)
 
     def _check_param_store(self):
         """Our parameters must be the tensors Pyro's store holds under our names."""
         named = [(f"{self._pyro_name}.{n}", p) for n, p in self.named_parameters(recurse=False)]
-        named += [(f"{self._pyro_name}.flow$$${n}", p) for n, p in self.flow.named_parameters()]
+        for module in ("flow", "locals") if self.locals is not None else ("flow",):
+            named += [
+                (f"{self._pyro_name}.{module}$$${n}", p)
+                for n, p in getattr(self, module).named_parameters()
+            ]
         check_param_store(named, self._pyro_name)
         self._store_checked = True
 
@@ -403,7 +478,10 @@ class AutoFlowGuide(AutoContinuous):
             if seed is not None:
                 torch.manual_seed(seed)
             latent = self.get_posterior().sample((num_samples,))
-        return self.latent_to_sites(latent)
+            local = {}
+            if self.locals is not None:
+                local = self.locals.draw_all(self._standardised(latent))
+        return {**self.latent_to_sites(latent), **local}
 
     def latent_to_sites(self, latent: Tensor) -> dict[str, Tensor]:
         """Map unconstrained latent vectors ``(N, D)`` to constrained site values ``(N, *shape)``.
@@ -458,6 +536,7 @@ class AutoFlowGuide(AutoContinuous):
             "preconditioned": getattr(self, "preconditioned", False),
             "architecture": self.architecture,
             "flow": repr(self.flow) if hasattr(self, "flow") else None,
+            "locals": self.locals.describe() if self.locals is not None else [],
         }
 
     def set_extra_state(self, state):
@@ -487,6 +566,10 @@ class AutoFlowGuide(AutoContinuous):
             # placeholders: the state dict's buffers overwrite them
             laplace = (zeros, torch.eye(self.latent_dim, dtype=dtype))
             self._create_parameters(zeros, laplace if state.get("preconditioned") else None)
+            if state.get("locals"):
+                sites = [LocalSite(*key) for key in state["locals"]]
+                self.locals = LocalLatents(sites, self.latent_dim, None, 1.0, zeros)
+        check_local_sites(self.locals, state.get("locals", []))
         check_same_architecture(state, repr(self.flow), self.architecture, self.full_rank)
         check_entries(state_dict, self.state_dict(prefix=prefix), prefix)
         # The buffers (center, precond) are loaded either way; whether they are used is the

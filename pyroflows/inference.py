@@ -32,7 +32,14 @@ import pyro
 
 from .calls import model_keywords
 from .diagnostics import importance_resample
-from .draws import NOT_VECTORISED_HINT, draw, evaluate_at, runs_vectorised
+from .draws import (
+    NOT_VECTORISED_HINT,
+    SubsampledModel,
+    draw,
+    evaluate_at,
+    refuse_subsampled,
+    runs_vectorised,
+)
 from .fit import fit
 from .guides import AutoFlowGuide
 from .neutra import neutra_chain
@@ -149,6 +156,7 @@ class _Run:
         self.best = None  # (rank, Posterior)
         self.check_seconds = 0.0  # cost of the last importance check: reserved at the end
         self.vectorised = None  # whether the model broadcasts over draws (known after setup)
+        self.subsampled = ""  # why no draws can be weighed (a subsampled plate), if so
 
     def left(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.perf_counter()
@@ -180,7 +188,10 @@ class _Run:
     def answer(self) -> Posterior:
         if self.best is None:
             self.setup()
-            self.weigh(Stage("guide", 0.0, ""))
+            if self.subsampled:
+                self.keep_guide_draws()
+            else:
+                self.weigh(Stage("guide", 0.0, ""))
         rank, posterior = self.best
         self.route.approximate = rank < 2
         posterior.route = self.route
@@ -203,8 +214,25 @@ class _Run:
     def setup(self) -> None:
         self.guide.setup(*self.args, **self.kwargs)
         if self.vectorised is None:
+            trace = pyro.poutine.trace(self.model).get_trace(*self.args, **self.kwargs)
+            try:
+                refuse_subsampled(trace)
+            except SubsampledModel as error:
+                self.subsampled, self.vectorised = str(error), False
+                return
             args = (self.model, self.guide, self.args, self.kwargs)
             self.vectorised = runs_vectorised(*args, num=PARTICLES)
+
+    def without_weights(self) -> str:
+        """Why the stages that weigh the guide's joint draws cannot run, or ``""``."""
+        if self.subsampled:
+            return f"skipped: {self.subsampled.split(': ')[0]}"
+        if self.guide.local_sites:
+            return (
+                f"skipped: the guide's local latents ({', '.join(self.guide.local_sites)}) are "
+                "drawn per member outside the flow this stage works through"
+            )
+        return ""
 
     def stage_laplace(self, stage: Stage) -> None:
         self.setup()
@@ -216,10 +244,17 @@ class _Run:
     def stage_fit(self, stage: Stage) -> None:
         self.setup()
         stage.outcome = self.fit(loss="elbo", num_particles=1, num_steps=FIT_STEPS)
-        self.weigh(stage)
+        if self.subsampled:
+            stage.outcome += "guide draws: no k-hat (the model subsamples)"
+            self.keep_guide_draws()
+        else:
+            self.weigh(stage)
 
     def stage_dreg(self, stage: Stage) -> None:
         self.setup()
+        if self.without_weights():
+            stage.outcome = self.without_weights()
+            return
         if not self.vectorised:
             stage.outcome = (
                 f"skipped: its {PARTICLES} particles run as one batch, and the model does not "
@@ -233,6 +268,9 @@ class _Run:
 
     def stage_neutra(self, stage: Stage) -> None:
         self.setup()
+        if self.without_weights():
+            stage.outcome = self.without_weights()
+            return
         if self.left() < NEUTRA_MIN_SECONDS:
             stage.outcome = f"skipped: under {NEUTRA_MIN_SECONDS:.0f} s of the time budget left"
             return
@@ -305,6 +343,12 @@ class _Run:
             **settings,
         )
         return f"{result.num_steps} steps ({why[0] if why else result.reason}); "
+
+    def keep_guide_draws(self) -> None:
+        """The guide's own draws of every member: where nothing can weigh them."""
+        samples = self.guide.sample_posterior(self.num_samples, seed=None)
+        label = f"guide draws, unweighed: {self.subsampled.split(': ')[0]}"
+        self.keep(0, self.posterior(samples, "guide", {}, None), label)
 
     def deterministic_at(self, latent: dict) -> dict:
         """The model's deterministic sites at each row of ``latent`` (vectorised)."""

@@ -211,6 +211,13 @@ def _check_guide(guide):
         )
     if getattr(guide, "prototype_trace", None) is None:
         raise RuntimeError("neutra: fit the guide first (it has not seen the model)")
+    if getattr(guide, "local_sites", ()):
+        raise ValueError(
+            f"neutra: the guide's local latents ({', '.join(guide.local_sites)}) are drawn per "
+            "member outside the flow, and NeuTra runs NUTS through the flow's vector, which "
+            "holds only the globals. For NUTS over every latent, fit an AutoFlowGuide "
+            "without local_plates on the full data"
+        )
 
 
 @contextmanager

@@ -49,8 +49,9 @@ class Posterior:
     Attributes:
         samples: ``{site: (num_samples, *shape)}`` constrained draws of the latent sites
             and of the deterministic sites (where the model runs vectorised over draws).
-        kind: ``"mcmc"`` (NeuTra NUTS draws) or ``"resampled"`` (PSIS-resampled guide
-            draws).
+        kind: ``"mcmc"`` (NeuTra NUTS draws), ``"resampled"`` (PSIS-resampled guide
+            draws) or ``"guide"`` (the guide's own draws, where no weights can be computed:
+            a subsampled model).
         diagnostics: ``k_hat`` and ``ess`` (importance weights), and for MCMC ``r_hat``,
             ``ess`` (bulk) and ``divergences``.
         route: the stages run, their times and why each next one was needed.
@@ -75,7 +76,7 @@ class Posterior:
         """The draws as ``arviz.InferenceData``. MCMC draws form a chain (R-hat and ESS
         mean what they do for MCMC); resampled draws sit in one pseudo-chain that
         ``summary`` reports with ``kind="stats"`` only (``docs/guide/k-hat.md``)."""
-        from .arviz import from_neutra
+        from .arviz import from_guide_draws, from_neutra
 
         if self.kind == "mcmc":
             n = self.source.num_draws
@@ -83,6 +84,8 @@ class Posterior:
             return from_neutra(
                 self.model, self.guide, self.args, self.kwargs, self.source.samples, 1, n, divergent
             )
+        if self.kind == "guide":
+            return from_guide_draws(self.samples, self.label)
         return self.source.to_inference_data()
 
     def summary(self):

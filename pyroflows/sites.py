@@ -75,7 +75,7 @@ def enumerated(msg) -> bool:
 
 
 def check_latent_site(name: str, site) -> None:
-    """Refuse a latent site a single flow cannot guide: discrete, or in a subsampled plate."""
+    """Refuse a latent site a flow cannot guide: discrete, or without a bijection."""
     fn = site["fn"]
     if fn.support.is_discrete:
         raise ValueError(
@@ -93,16 +93,6 @@ def check_latent_site(name: str, site) -> None:
             "has none for it). Reparametrise it (e.g. a unit vector as x / |x| with x "
             "unconstrained), or register a transform with biject_to.register."
         ) from None
-    for frame in site["cond_indep_stack"]:
-        if frame.vectorized and frame.full_size is not None and frame.full_size != frame.size:
-            raise ValueError(
-                f"AutoFlowGuide: latent site {name!r} is in the subsampled plate "
-                f"{frame.name!r} (size {frame.full_size}, subsample {frame.size}). One flow "
-                "over all latents cannot be indexed by a minibatch. Give local latents "
-                "their own guide: guide = AutoGuideList(model); guide.append(AutoFlowGuide("
-                f"poutine.block(model, hide=[{name!r}]))); guide.append(AutoNormal("
-                f"poutine.block(model, expose=[{name!r}])))."
-            )
 
 
 def check_dependent_supports(model, prototype_trace, args, kwargs) -> None:

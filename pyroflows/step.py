@@ -20,6 +20,7 @@ from . import distributed as dist_
 from .adapters import guide_model_wrapped
 from .draws import NOT_VECTORISED_HINT, is_shape_error
 from .progress import FitError
+from .row_adam import RowAdam
 
 __all__ = ["GuardedStep", "nonfinite_site"]
 
@@ -33,6 +34,7 @@ class GuardedStep:
         self.distributed = distributed
         self.synced: set[int] = set()
         self.torch_optim: torch.optim.Adam | None = None
+        self.sparse_optim: RowAdam | None = None
         self.known: set[int] = set()
         self.names: dict[int, str] = {}
 
@@ -47,7 +49,7 @@ class GuardedStep:
             value = self._synchronise(params, value)
         try:
             self._check(float(value), params, model, guide, args, kwargs, step)
-            before = torch._foreach_mul(list(params), 1.0)  # to undo a non-finite update
+            before = _touched(params)  # to undo a non-finite update
             if self.optim is not None:
                 self.optim(list(params))
             else:
@@ -116,19 +118,30 @@ class GuardedStep:
         return dist_.average_scalar(float(value), device)
 
     def _torch_step(self, params, lr):
-        fresh = [p for p in params if id(p) not in self.known]
+        # Parameters with sparse gradients (the per-member rows of AutoFlowGuide's local
+        # latents) take RowAdam: a row outside the minibatch neither moves nor has its
+        # moments decay.
+        fresh = [p for p in params if id(p) not in self.known and p.grad is not None]
         if fresh:
             self.known.update(id(p) for p in fresh)
-            if self.torch_optim is None:
-                self.torch_optim = torch.optim.Adam(fresh, lr=lr, foreach=True)
-            else:
-                self.torch_optim.add_param_group({"params": fresh})
-        for group in self.torch_optim.param_groups:
-            group["lr"] = lr
-        with_grad = [p for p in params if p.grad is not None]
+            dense = [p for p in fresh if not p.grad.is_sparse]
+            sparse = [p for p in fresh if p.grad.is_sparse]
+            if dense:
+                self.torch_optim = _add(self.torch_optim, dense, torch.optim.Adam, foreach=True)
+            if sparse:
+                self.sparse_optim = _add(self.sparse_optim, sparse, RowAdam)
+        with_grad = [p for p in params if p.grad is not None and not p.grad.is_sparse]
         if self.clip is not None and with_grad:
             torch.nn.utils.clip_grad_value_(with_grad, self.clip, foreach=True)
-        self.torch_optim.step()
+        for optim in (self.torch_optim, self.sparse_optim):
+            if optim is None:
+                continue
+            for group in optim.param_groups:
+                group["lr"] = lr
+                for p in group["params"]:
+                    if self.clip is not None and p.grad is not None and p.grad.is_sparse:
+                        p.grad = _clamped(p.grad, self.clip)
+            optim.step()
 
     def _check(self, value, params, model, guide, args, kwargs, step):
         if not math.isfinite(value):
@@ -142,7 +155,7 @@ class GuardedStep:
                 step,
                 site,
             )
-        named = [(name, p.grad) for p, name in params.items() if p.grad is not None]
+        named = [(name, _dense(p.grad)) for p, name in params.items() if p.grad is not None]
         bad = _first_nonfinite_norm(named)
         if bad is None:
             return
@@ -159,11 +172,16 @@ class GuardedStep:
 
     @staticmethod
     def _check_update(params, before, lr, step):
-        bad = _first_nonfinite_norm([(name, p) for p, name in params.items()])
+        now = [(params[p], p if rows is None else p[rows]) for p, (rows, _) in before.items()]
+        bad = _first_nonfinite_norm(now)
         if bad is None:
             return
         with torch.no_grad():
-            torch._foreach_copy_(list(params), before)
+            for p, (rows, saved) in before.items():
+                if rows is None:
+                    p.copy_(saved)
+                else:
+                    p.index_copy_(0, rows, saved)
         raise FitError(
             f"fit: the update of step {step} made parameter {bad[0]!r} not finite (learning "
             f"rate {lr:.3g}); it was undone, and the guide keeps the parameters of step "
@@ -171,6 +189,43 @@ class GuardedStep:
             step,
             bad[0],
         )
+
+
+def _add(optim, params, kind, **options):
+    if optim is None:
+        return kind(params, lr=1e-3, **options)  # the rate is set before every step
+    optim.add_param_group({"params": params})
+    return optim
+
+
+def _rows(grad):
+    return grad.coalesce().indices()[0]
+
+
+def _dense(grad):
+    """A gradient's stored values (a sparse one's touched rows)."""
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
+def _clamped(grad, clip):
+    grad = grad.coalesce()
+    values = grad.values().clamp(-clip, clip)
+    return torch.sparse_coo_tensor(grad.indices(), values, grad.shape, check_invariants=False)
+
+
+@torch.no_grad()
+def _touched(params) -> dict:
+    """``{param: (rows or None, a copy of them)}``: whole tensors, but only the touched
+    rows of a parameter with a sparse gradient (a step's cost must not grow with the
+    number of rows)."""
+    sparse = [p for p in params if p.grad is not None and p.grad.is_sparse]
+    dense = [p for p in params if p.grad is None or not p.grad.is_sparse]
+    copies = torch._foreach_mul(dense, 1.0) if dense else []
+    saved = dict(zip(dense, ((None, c) for c in copies), strict=True))
+    for p in sparse:
+        rows = _rows(p.grad)
+        saved[p] = (rows, p[rows])
+    return saved
 
 
 def _batched_particles(elbo) -> bool:

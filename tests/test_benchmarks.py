@@ -97,3 +97,16 @@ def test_without_posteriordb_the_runner_stops_before_writing_anything(tmp_path, 
     with pytest.raises(SystemExit, match="PYROFLOWS_POSTERIORDB"):
         runner.main(["--posteriors", "diamonds", "--guides", "AutoNormal"])
     assert not (tmp_path / "results").exists()
+
+
+def test_the_exact_hierarchical_reference_has_the_limits_it_must():
+    from benchmarks.locals import exact
+
+    # Precise data: every theta_i is its y_i, up to sigma; mu's sd is tau / sqrt(n).
+    y = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    ref = exact(torch.full((50,), 0.01), y, points=200)
+    mean, sd = ref["theta"]
+    assert torch.allclose(mean, y.double(), atol=1e-3)
+    assert torch.allclose(sd, torch.full_like(sd, 0.01), rtol=0.05)
+    assert abs(ref["mu"][0] - float(y.mean())) < 0.02
+    assert abs(ref["mu"][1] / (ref["tau"][0] / 50**0.5) - 1) < 0.1

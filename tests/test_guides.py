@@ -231,9 +231,10 @@ def subsampled_model(y):
         pyro.sample("y", dist.Normal(z, 0.5), obs=y[idx])
 
 
-def test_subsampled_local_latents_are_refused_with_a_recipe():
-    with pytest.raises(ValueError, match="latent site 'z' is in the subsampled plate 'data'"):
-        AutoFlowGuide(subsampled_model)(torch.randn(20))
+def test_subsampled_latents_are_guided_as_locals():  # tests/test_locals.py has the rest
+    guide = AutoFlowGuide(subsampled_model)
+    assert guide(torch.randn(20))["z"].shape == (5,)
+    assert guide.local_sites == ("z",)
 
 
 def test_autoguidelist_gives_local_latents_their_own_guide():

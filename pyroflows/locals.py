@@ -1,0 +1,409 @@
+r"""Local latents of ``AutoFlowGuide``: per-member parameters and a conditional affine.
+
+A latent site in a *local plate* (one the model subsamples, or one named in
+``AutoFlowGuide(..., local_plates=[...])``) is kept out of the global flow's vector. Its
+guide is ``q(globals) * prod_i q(local_i | globals)``: every element of a member ``i`` has
+its own location ``loc_i`` and scale ``s_i`` (times one learned scale shared by the site),
+indexed by the plate's subsample (a step touches only the minibatch's members), and a small
+network shared by all members of the site shifts and rescales them given the globals draw
+``g``::
+
+    u_i = loc_i + s_i * (a + exp(b) * eps_i),   eps_i ~ N(0, 1)
+    (a, b) = net(g standardised, loc_i, log s_i)
+
+in unconstrained space, then ``biject_to(support)``. The network's last layer starts at
+zero, so an untrained guide is ``AutoNormal`` on the locals; trained, a local's location
+and spread follow the globals (the funnel of hierarchical models: a group's spread shrinks
+with the global scale). Within one member the elements are conditionally independent given
+``g``. ``docs/guide/local-latents.md`` says how this was chosen and what it does not reach.
+
+Example:
+    >>> import pyro, pyro.distributions as dist
+    >>> from pyroflows import AutoFlowGuide
+    >>> def model():
+    ...     tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    ...     with pyro.plate("groups", 1000, subsample_size=10):
+    ...         pyro.sample("theta", dist.Normal(0.0, tau))
+    >>> guide = AutoFlowGuide(model).setup()
+    >>> guide.local_sites, guide.latent_dim
+    (('theta',), 1)
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.util import sum_rightmost
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor, nn
+from torch.distributions import biject_to
+
+from .transforms.transformers import soft_clip
+
+__all__ = [
+    "LocalLatents",
+    "LocalSite",
+    "check_local_sites",
+    "check_subsampling",
+    "explicit_subsamples",
+    "find_local_sites",
+    "guide_plates",
+    "plate_sizes",
+    "sparse_gradients",
+    "take_local_sites",
+]
+
+HIDDEN = 16  # the prior network's width (benchmarks/RESULTS.md, "Local latents")
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+LOG_SCALE_BOUND = 5.0  # exp(b) within (e^-5, e^5): a defensive clip, as the flows' scales
+
+
+@dataclass(frozen=True)
+class LocalSite:
+    """A local latent site: its unconstrained shape at the plates' full sizes, which of
+    its dimensions are local plates (members), and every plate it sits in."""
+
+    name: str
+    shape: tuple[int, ...]
+    local_dims: tuple[int, ...]  # positions in ``shape``, ascending
+    local_plates: tuple[str, ...]  # the plates of ``local_dims``, same order
+    batch_ndim: int  # leading dimensions of ``shape`` that are batch (not event) dims
+    event_dim: int  # the site's own event_dim (constrained)
+    frames: tuple[str, ...] = ()  # every plate of the site, to enter when sampling
+    support: object = None
+
+    @property
+    def members(self) -> int:
+        return math.prod(self.shape[d] for d in self.local_dims)
+
+    @property
+    def other_dims(self) -> tuple[int, ...]:
+        return tuple(d for d in range(len(self.shape)) if d not in self.local_dims)
+
+    def key(self) -> tuple:
+        """What a saved state records and must agree on (all but the support)."""
+        return (
+            self.name,
+            self.shape,
+            self.local_dims,
+            self.local_plates,
+            self.batch_ndim,
+            self.event_dim,
+            self.frames,
+        )
+
+
+def check_local_sites(local_latents, found) -> None:
+    """A guide's local sites (saved, or made at setup) must be ``found`` (the model's sites,
+    or a saved state's keys); model sites then lend the guide their supports."""
+    have = [] if local_latents is None else [site.key() for site in local_latents.sites]
+    now = [site.key() if isinstance(site, LocalSite) else tuple(site) for site in found]
+    if have != now:
+        raise ValueError(
+            "AutoFlowGuide: the state dict's local latents differ from the model's: "
+            f"{_describe(have)} against {_describe(now)}"
+        )
+    if local_latents is not None and found and isinstance(found[0], LocalSite):
+        local_latents.sites = list(found)
+
+
+def _describe(keys) -> str:
+    return ", ".join(f"{k[0]}{list(k[1])} local in {list(k[3])}" for k in keys) or "none"
+
+
+def find_local_sites(prototype_trace, local_plates=()) -> list[LocalSite]:
+    """The latent sites in a subsampled plate or a plate named in ``local_plates``.
+
+    Raises ``ValueError`` naming a plate of ``local_plates`` that no latent site is in, and
+    a local site that does not span its plate (broadcast along it instead).
+    """
+    sites, seen = [], set()
+    for name, site in prototype_trace.iter_stochastic_nodes():
+        fn = site["fn"]
+        unconstrained = biject_to(fn.support).inv(site["value"])
+        batch_ndim = site["value"].dim() - fn.event_dim
+        shape = list(unconstrained.shape)
+        local = []
+        for frame in site["cond_indep_stack"]:
+            if not frame.vectorized:
+                continue
+            seen.add(frame.name)
+            full = frame.full_size or frame.size
+            if full == frame.size and frame.name not in local_plates:
+                continue
+            pos = batch_ndim + frame.dim
+            if pos < 0 or shape[pos] != frame.size:
+                raise ValueError(
+                    f"AutoFlowGuide: local latent site {name!r} is in plate {frame.name!r} "
+                    f"but its value of shape {tuple(site['value'].shape)} does not span "
+                    f"the plate's dimension {frame.dim}; give it the plate's size there"
+                )
+            shape[pos] = full
+            local.append((pos, frame.name))
+        if local:
+            local.sort()
+            sites.append(
+                LocalSite(
+                    name=name,
+                    shape=tuple(shape),
+                    local_dims=tuple(p for p, _ in local),
+                    local_plates=tuple(n for _, n in local),
+                    batch_ndim=batch_ndim,
+                    event_dim=fn.event_dim,
+                    frames=tuple(f.name for f in site["cond_indep_stack"]),
+                    support=fn.support,
+                )
+            )
+    unknown = sorted(set(local_plates) - seen)
+    if unknown:
+        raise ValueError(
+            f"AutoFlowGuide: local_plates names {unknown}, but no latent site of the model is "
+            f"in such a plate (its latent sites' plates: {sorted(seen) or 'none'})"
+        )
+    return sites
+
+
+class _RecordExplicit(Messenger):
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def _pyro_sample(self, msg):
+        if site_is_subsample(msg) and msg["value"] is not None:
+            self.names.add(msg["name"])
+
+
+def explicit_subsamples(model, args, kwargs) -> tuple[set[str], dict[str, tuple[int, int]]]:
+    """Run the model once: the plates given explicit indices (``subsample=``), and every
+    plate's ``(full size, size)``."""
+    record = _RecordExplicit()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with pyro.poutine.block(), record:
+            trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
+    return record.names, plate_sizes(trace)
+
+
+def check_subsampling(model, sites, args, kwargs, guide_plates: bool) -> dict[str, int]:
+    """The local plates' sizes for these arguments; refuses explicit indices the guide
+    cannot see (without ``create_plates``) and a plate whose full size changed."""
+    explicit, sizes = explicit_subsamples(model, args, kwargs)
+    for site in sites:
+        for dim, plate in zip(site.local_dims, site.local_plates, strict=True):
+            full = sizes.get(plate, (site.shape[dim], None))[0]
+            if full != site.shape[dim]:
+                raise ValueError(
+                    f"AutoFlowGuide: plate {plate!r} has {full} members for these arguments "
+                    f"but {site.shape[dim]} for this guide, whose per-member parameters are "
+                    "made for them: create a new guide for the new data"
+                )
+            if plate in explicit and not guide_plates:
+                raise ValueError(
+                    f"AutoFlowGuide: the model gives plate {plate!r} explicit indices "
+                    "(pyro.plate(..., subsample=...)), which the guide cannot see and Pyro "
+                    "would replace with the guide's own random ones. Give the guide the same "
+                    f"indices: AutoFlowGuide(model, create_plates=lambda *args, **kwargs: "
+                    f"pyro.plate({plate!r}, {full}, subsample=<the model's indices>))"
+                )
+    return {plate: size for plate, (_, size) in sizes.items()}
+
+
+def take_local_sites(prototype_trace, sites) -> dict[str, Tensor]:
+    """Remove the local sites from a guide's prototype trace (the flow's vector holds the
+    globals); their unconstrained values, the members' start."""
+    init = {}
+    for site in sites:
+        node = prototype_trace.nodes[site.name]
+        init[site.name] = biject_to(node["fn"].support).inv(node["value"]).detach()
+        prototype_trace.remove_node(site.name)
+    return init
+
+
+def guide_plates(given, frames: dict, sizes: dict) -> dict:
+    """The guide's plates: ``given`` (what ``create_plates`` returned: a plate, a list, or
+    nothing), and for every other plate of the model (``frames``, by name) a plate of the
+    model's full size, subsampled to ``sizes[name]`` (default: the frame's size)."""
+    given = [given] if isinstance(given, pyro.plate) else list(given)
+    plates = {plate.name: plate for plate in given}
+    for name, frame in sorted(frames.items()):
+        if name not in plates:
+            full = frame.full_size or frame.size
+            size = sizes.get(name, frame.size)
+            plates[name] = pyro.plate(name, full, dim=frame.dim, subsample_size=size)
+    return plates
+
+
+def plate_sizes(trace) -> dict[str, tuple[int, int]]:
+    """``{plate: (full size, size)}`` over a trace's sample sites."""
+    sizes = {}
+    for site in trace.nodes.values():
+        for frame in site.get("cond_indep_stack", ()):
+            if frame.vectorized:
+                sizes[frame.name] = (frame.full_size or frame.size, frame.size)
+    return sizes
+
+
+@contextmanager
+def sparse_gradients(local_latents):
+    """Within this context the per-member parameters get sparse gradients (``fit``'s
+    default optimizer then updates only the touched rows, ``pyroflows.row_adam``)."""
+    local_latents.sparse_gradients = True
+    try:
+        yield local_latents
+    finally:
+        local_latents.sparse_gradients = False
+
+
+def periodic_repeat(value: Tensor, size: int, dim: int) -> Tensor:
+    """Tile ``value`` along ``dim`` to ``size``: a start for members the prototype did not see."""
+    index = torch.arange(size, device=value.device) % value.shape[dim]
+    return value.index_select(dim, index)
+
+
+class ConditionalNet(nn.Module):
+    """``(a, b)`` of a member given the globals: one hidden layer over the standardised
+    globals and the member's own location and log scale, zero at the start."""
+
+    def __init__(self, global_dim: int):
+        super().__init__()
+        self.hidden = nn.Linear(global_dim + 2, HIDDEN)
+        self.out = nn.Linear(HIDDEN, 2)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, g_std: Tensor, loc: Tensor, scale: Tensor):
+        shape = torch.broadcast_shapes(g_std.shape[:-1], loc.shape)
+        features = torch.cat(
+            [
+                g_std.expand(shape + g_std.shape[-1:]),
+                loc.expand(shape).unsqueeze(-1),
+                scale.log().expand(shape).unsqueeze(-1),
+            ],
+            dim=-1,
+        )
+        return self.out(torch.tanh(self.hidden(features))).unbind(-1)
+
+
+class LocalLatents(nn.Module):
+    """Per-member parameters and the conditional networks of a guide's local sites.
+
+    Arguments:
+        sites: the local sites (``find_local_sites``).
+        global_dim: dimensions of the globals draw the networks condition on.
+        init: ``{site: unconstrained value}`` at the prototype's sizes (tiled to all
+            members), or ``None`` for zeros (a state dict then fills them).
+        init_scale: every member's starting scale.
+    """
+
+    def __init__(self, sites, global_dim: int, init: dict | None, init_scale: float, like):
+        super().__init__()
+        self.sites = list(sites)
+        self.sparse_gradients = False
+        self.loc = nn.ParameterList()
+        self.scale_raw = nn.ParameterList()
+        # One shared log-scale per site, trained at every step: the members' common scale is
+        # learned from every minibatch, each member's own row only when it is drawn.
+        self.log_scale_shift = nn.ParameterList()
+        self.nets = nn.ModuleList()
+        raw = math.log(math.expm1(init_scale))  # softplus(raw) == init_scale
+        for site in self.sites:
+            value = like.new_zeros(site.shape) if init is None else self._tiled(site, init)
+            self.loc.append(nn.Parameter(self._rows(site, value).to(like)))
+            self.scale_raw.append(nn.Parameter(torch.full_like(self.loc[-1], raw)))
+            self.log_scale_shift.append(nn.Parameter(like.new_zeros(())))
+            self.nets.append(ConditionalNet(global_dim).to(like))
+
+    @staticmethod
+    def _tiled(site: LocalSite, init: dict) -> Tensor:
+        value = init[site.name]
+        for dim in site.local_dims:
+            value = periodic_repeat(value, site.shape[dim], dim)
+        return value
+
+    @staticmethod
+    def _rows(site: LocalSite, value: Tensor) -> Tensor:
+        """``shape`` -> ``(members, rest)``: the local plates' dimensions first."""
+        order = site.local_dims + site.other_dims
+        return value.permute(order).reshape(site.members, -1).contiguous()
+
+    def _gather(self, k: int, param: Tensor, indices: list[Tensor]) -> Tensor:
+        """The members ``indices`` (one index tensor per local plate) of a row parameter,
+        in the site's own layout."""
+        site = self.sites[k]
+        sizes = [site.shape[d] for d in site.local_dims]
+        flat = torch.zeros((), dtype=torch.long, device=param.device)
+        for j, index in enumerate(indices):
+            view = [1] * len(indices)
+            view[j] = -1
+            flat = flat * sizes[j] + index.reshape(view)
+        picked = [len(i) for i in indices]
+        rows = nn.functional.embedding(flat.reshape(-1), param, sparse=self.sparse_gradients)
+        rows = rows.reshape(picked + [site.shape[d] for d in site.other_dims])
+        order = site.local_dims + site.other_dims
+        return rows.permute([order.index(d) for d in range(len(order))])
+
+    def conditional(self, k: int, g_std: Tensor, indices: list[Tensor]):
+        """The mean and sd of site ``k``'s members ``indices`` (unconstrained, elementwise)
+        given the standardised globals draw ``g_std`` (batch dims aligned with the site's
+        from the right): ``loc + s a`` and ``s exp(b)``."""
+        site = self.sites[k]
+        loc = self._gather(k, self.loc[k], indices)
+        raw = self._gather(k, self.scale_raw[k], indices)
+        scale = nn.functional.softplus(raw) * self.log_scale_shift[k].exp()
+        event = (1,) * (len(site.shape) - site.batch_ndim)
+        g_std = g_std.reshape(g_std.shape[:-1] + event + g_std.shape[-1:])
+        shift, log_scale = self.nets[k](g_std, loc, scale)
+        log_scale = soft_clip(log_scale, LOG_SCALE_BOUND)
+        return loc + scale * shift, scale * log_scale.exp()
+
+    def draw(self, k: int, g_std: Tensor, indices: list[Tensor]):
+        """Unconstrained draws of site ``k``'s members ``indices`` (see ``conditional``)
+        and their elementwise log densities."""
+        mean, sd = self.conditional(k, g_std, indices)
+        eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+        return mean + sd * eps, -0.5 * eps.square() - HALF_LOG_2PI - sd.log()
+
+    def sample(self, g_std: Tensor, plates: dict) -> dict[str, Tensor]:
+        """Sample every local site inside its plates (the guide's, so subsampled as the
+        model is) as Pyro sample sites whose density is ``q(local | globals)``."""
+        values = {}
+        for k, site in enumerate(self.sites):
+            with ExitStack() as stack:
+                entered = {name: stack.enter_context(plates[name]) for name in site.frames}
+                indices = [entered[name] for name in site.local_plates]
+                u, log_q = self.draw(k, g_std, indices)
+                values[site.name] = pyro.sample(site.name, self.delta(site, u, log_q))
+        return values
+
+    @staticmethod
+    def delta(site: LocalSite, u: Tensor, log_q: Tensor):
+        """The constrained value as a ``Delta`` carrying ``log q`` of the site's value."""
+        transform = biject_to(site.support)
+        value = transform(u)
+        event = len(site.shape) - site.batch_ndim
+        log_q = sum_rightmost(log_q, event)
+        log_det = transform.log_abs_det_jacobian(u, value)
+        log_det = sum_rightmost(log_det, log_det.dim() - log_q.dim())
+        return dist.Delta(value, log_density=log_q - log_det, event_dim=site.event_dim)
+
+    @torch.no_grad()
+    def draw_all(self, g_std: Tensor) -> dict[str, Tensor]:
+        """Every member of every local site at each of ``S`` standardised globals draws
+        ``g_std (S, D)``: ``{site: (S, *shape)}`` in constrained space."""
+        out = {}
+        for k, site in enumerate(self.sites):
+            device = g_std.device
+            indices = [torch.arange(site.shape[d], device=device) for d in site.local_dims]
+            shape = g_std.shape[:1] + (1,) * site.batch_ndim + g_std.shape[-1:]
+            u, _ = self.draw(k, g_std.reshape(shape), indices)
+            out[site.name] = biject_to(site.support)(u)
+        return out
+
+    def describe(self) -> list[tuple]:
+        """The sites' ``key()``s, saved with the state."""
+        return [site.key() for site in self.sites]

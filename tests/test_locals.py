@@ -1,0 +1,277 @@
+"""Local latents in AutoFlowGuide: subsampled plates, per-member parameters, lazy updates."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Predictive, Trace_ELBO
+from pyro.infer.autoguide import init_to_value
+
+from pyroflows import AutoFlowGuide, fit, psis_diagnostic
+from pyroflows.row_adam import RowAdam
+
+N = 40
+
+
+@pytest.fixture(autouse=True)
+def fresh_param_store():
+    pyro.clear_param_store()
+
+
+def data(n=N, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    sigma = 1.0 + torch.rand(n, generator=generator)
+    theta = 1.0 + 0.5 * torch.randn(n, generator=generator)
+    y = theta + sigma * torch.randn(n, generator=generator)
+    return sigma, y
+
+
+def hierarchical(sigma, y, subsample_size=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(5.0))
+    with pyro.plate("groups", len(y), subsample_size=subsample_size) as idx:
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma[idx]), obs=y[idx])
+
+
+def explicit(sigma, y, idx):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(5.0))
+    with pyro.plate("groups", len(y), subsample=idx):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma[idx]), obs=y[idx])
+
+
+def numbered(guide):
+    """Member i's location is i, its scale tiny: a draw names the member it came from."""
+    with torch.no_grad():
+        guide.locals.loc[0].copy_(torch.arange(N, dtype=torch.get_default_dtype())[:, None])
+        guide.locals.scale_raw[0].fill_(-30.0)
+
+
+def test_subsampled_latents_are_local_and_indexed_by_the_models_indices():
+    sigma, y = data()
+    guide = AutoFlowGuide(hierarchical).setup(sigma, y, 10)
+    assert guide.local_sites == ("theta",) and guide.latent_dim == 2
+    assert guide.locals.loc[0].shape == (N, 1)  # every member, not the subsample
+    numbered(guide)
+    guide_trace = pyro.poutine.trace(guide).get_trace(sigma, y, 10)
+    model_trace = pyro.poutine.trace(
+        pyro.poutine.replay(hierarchical, trace=guide_trace)
+    ).get_trace(sigma, y, 10)
+    indices = model_trace.nodes["groups"]["value"]  # the model's own subsample
+    theta = guide_trace.nodes["theta"]["value"]
+    assert len(set(indices.tolist())) == 10
+    assert torch.allclose(theta, indices.to(theta.dtype), atol=1e-6)
+
+
+def test_explicit_indices_are_refused_without_create_plates_and_honoured_with_them():
+    sigma, y = data()
+    idx = torch.tensor([3, 17, 5, 29])
+    with pytest.raises(ValueError, match=r"plate 'groups' explicit indices.*create_plates"):
+        AutoFlowGuide(explicit).setup(sigma, y, idx)
+
+    def plates(sigma, y, idx):
+        return pyro.plate("groups", len(y), subsample=idx)
+
+    guide = AutoFlowGuide(explicit, create_plates=plates).setup(sigma, y, idx)
+    numbered(guide)
+    guide_trace = pyro.poutine.trace(guide).get_trace(sigma, y, idx)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(explicit, trace=guide_trace)).get_trace(
+        sigma, y, idx
+    )
+    assert torch.equal(model_trace.nodes["groups"]["value"], idx)
+    assert torch.allclose(guide_trace.nodes["theta"]["value"], idx.to(torch.get_default_dtype()))
+
+
+def test_members_outside_the_minibatch_do_not_move_and_those_inside_do():
+    sigma, y = data()
+    idx = torch.arange(10)
+
+    def plates(sigma, y, idx):
+        return pyro.plate("groups", len(y), subsample=idx)
+
+    guide = AutoFlowGuide(explicit, create_plates=plates)
+    fit(explicit, guide, sigma, y, idx, num_steps=1, progress=False, diagnose=False, seed=0)
+    before = [p.detach().clone() for p in (guide.locals.loc[0], guide.locals.scale_raw[0])]
+    fit(explicit, guide, sigma, y, idx, num_steps=30, progress=False, diagnose=False, seed=1)
+    for old, new in zip(before, (guide.locals.loc[0], guide.locals.scale_raw[0]), strict=True):
+        assert torch.equal(old[10:], new[10:].detach())  # Adam's moments did not move them
+        assert not torch.allclose(old[:10], new[:10].detach())
+
+
+def test_the_subsampled_elbo_is_unbiased_for_the_full_data_elbo():
+    pyro.set_rng_seed(0)
+    sigma, y = data()
+    guide = AutoFlowGuide(hierarchical, init_scale=0.3).setup(sigma, y, 8)
+    with torch.no_grad():  # a trained-like guide: the networks not at zero
+        for p in guide.locals.nets.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    elbo = Trace_ELBO()
+    with torch.no_grad():
+        mini = torch.tensor([elbo.loss(hierarchical, guide, sigma, y, 8) for _ in range(3000)])
+        full = torch.tensor([elbo.loss(hierarchical, guide, sigma, y) for _ in range(1000)])
+    se = (mini.var() / len(mini) + full.var() / len(full)).sqrt()
+    assert abs(mini.mean() - full.mean()) < 3 * se
+
+
+def test_the_local_density_is_that_of_the_draw_including_the_jacobian():
+    # At trained-like parameters: a positive local is LogNormal(mean, sd) of its conditional.
+    def model():
+        scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("members", 30, subsample_size=7):
+            pyro.sample("rate", dist.Gamma(2.0, scale))
+
+    guide = AutoFlowGuide(model, init_scale=0.4).setup()
+    with torch.no_grad():
+        for p in guide.locals.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    trace = pyro.poutine.trace(guide).get_trace()
+    site = trace.nodes["rate"]
+    idx = trace.nodes["members"]["value"]
+    g = trace.nodes[guide.latent_site_name]["value"]
+    mean, sd = guide.locals.conditional(0, (g - guide.loc) / guide.scale, [idx])
+    expected = dist.LogNormal(mean, sd).log_prob(site["value"])
+    assert torch.allclose(site["fn"].log_prob(site["value"]), expected, atol=1e-5)
+    assert (site["value"] > 0).all()
+
+
+def test_a_last_smaller_batch_and_all_members_for_predictive():
+    sigma, y = data()
+    guide = AutoFlowGuide(hierarchical)
+    fit(hierarchical, guide, sigma, y, 10, num_steps=20, progress=False, diagnose=False)
+    assert guide(sigma, y, 3)["theta"].shape == (3,)  # a last smaller batch
+    predictive = Predictive(hierarchical, guide=guide, num_samples=5, return_sites=["theta"])
+    assert predictive(sigma, y)["theta"].shape == (5, N)  # subsample_size=None: all
+    assert guide.sample_posterior(6)["theta"].shape == (6, N)
+    assert guide.median()["theta"].shape == (N,)
+    assert guide.quantiles([0.1, 0.9])["theta"].shape == (2, N)
+
+
+def test_save_and_load_keep_every_member_and_refuse_another_model():
+    sigma, y = data()
+    guide = AutoFlowGuide(hierarchical)
+    fit(hierarchical, guide, sigma, y, 10, num_steps=20, progress=False, diagnose=False)
+    state = guide.state_dict()
+    loaded = AutoFlowGuide(hierarchical)
+    loaded.load_state_dict(state)
+    loaded.setup(sigma, y, 10)
+    assert torch.equal(loaded.locals.loc[0], guide.locals.loc[0])
+    a, b = guide.sample_posterior(50, seed=3), loaded.sample_posterior(50, seed=3)
+    assert torch.allclose(a["theta"], b["theta"])
+    other = AutoFlowGuide(hierarchical)
+    with pytest.raises(ValueError, match="local latents differ"):
+        other.load_state_dict(state)
+        other.setup(*data(n=N + 1), 10)
+
+
+def test_a_full_plate_declared_local_and_nested_and_constrained_locals():
+    def model():
+        tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        with pyro.plate("features", 3, dim=-1):
+            with pyro.plate("groups", 20, dim=-2, subsample_size=5):
+                pyro.sample("w", dist.Normal(0.0, tau))
+            with pyro.plate("units", 6, dim=-2):
+                pyro.sample("s", dist.LogNormal(0.0, tau))
+
+    guide = AutoFlowGuide(model, local_plates=["units"]).setup()
+    assert guide.local_sites == ("w", "s") and guide.latent_dim == 1
+    trace = pyro.poutine.trace(guide).get_trace()
+    assert trace.nodes["w"]["value"].shape == (5, 3)
+    assert (trace.nodes["s"]["value"] > 0).all()
+    samples = guide.sample_posterior(4)
+    assert samples["w"].shape == (4, 20, 3) and samples["s"].shape == (4, 6, 3)
+    with pytest.raises(ValueError, match="local_plates names \\['nowhere'\\]"):
+        AutoFlowGuide(model, local_plates=["nowhere"]).setup()
+
+
+def test_several_subsampled_plates_each_index_their_own_members():
+    def model():
+        tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        with pyro.plate("rows", 12, subsample_size=4, dim=-2) as rows:
+            a = pyro.sample("a", dist.Normal(0.0, tau))
+            with pyro.plate("cols", 9, subsample_size=3, dim=-1) as cols:
+                pyro.sample("b", dist.Normal(a, 1.0))
+        return rows, cols
+
+    guide = AutoFlowGuide(model).setup()
+    assert guide.locals.loc[1].shape == (12 * 9, 1)
+    with torch.no_grad():
+        guide.locals.loc[1].copy_(torch.arange(108.0)[:, None])
+        guide.locals.scale_raw[1].fill_(-30.0)
+    trace = pyro.poutine.trace(guide).get_trace()
+    rows, cols = trace.nodes["rows"]["value"], trace.nodes["cols"]["value"]
+    expected = (rows[:, None] * 9 + cols[None, :]).to(torch.get_default_dtype())
+    assert torch.allclose(trace.nodes["b"]["value"], expected)
+
+
+def test_what_needs_every_member_says_so():
+    sigma, y = data()
+    guide = AutoFlowGuide(hierarchical)
+    result = fit(hierarchical, guide, sigma, y, 10, num_steps=20, progress=False)
+    assert result.diagnostic is None and "no k-hat: the model subsamples plate 'groups'" in str(
+        result
+    )
+    with pytest.raises(ValueError, match=r"subsamples plate 'groups'.*subsample_size=None"):
+        psis_diagnostic(hierarchical, guide, sigma, y, 10)
+    assert psis_diagnostic(hierarchical, guide, sigma, y, num_samples=200).k_hat > 0
+    with pytest.raises(ValueError, match=r"loss='dreg'.*local latents"):
+        fit(hierarchical, guide, sigma, y, 10, loss="dreg", num_particles=4, progress=False)
+
+
+def test_the_locals_conditional_spread_follows_the_global_scale():
+    # Centred, weakly informed groups: theta_i | tau has spread ~ tau (a funnel).
+    torch.manual_seed(0)
+    y = 0.5 * torch.randn(30)
+
+    def model(y):
+        tau = pyro.sample("tau", dist.LogNormal(-1.0, 1.0))
+        with pyro.plate("groups", len(y), subsample_size=10) as idx:
+            theta = pyro.sample("theta", dist.Normal(0.0, tau))
+            pyro.sample("y", dist.Normal(theta, 3.0), obs=y[idx])
+
+    at = init_to_value(values={"tau": torch.tensor(0.4)})
+    guide = AutoFlowGuide(model, init_loc_fn=at)
+    fit(model, guide, y, num_steps=3000, progress=False, diagnose=False, seed=0)
+    draws = guide.sample_posterior(4000)
+    tau, theta = draws["tau"], draws["theta"]
+    low, high = tau < tau.quantile(0.25), tau > tau.quantile(0.75)
+    spread_low, spread_high = theta[low].std(0), theta[high].std(0)
+    assert (spread_high > 1.5 * spread_low).float().mean() > 0.9
+    # the truth: sd(theta_i | tau) = tau * 3 / sqrt(tau^2 + 9), about proportional to tau
+    ratio = (tau[high].mean() / tau[low].mean()).item()
+    assert (spread_high / spread_low).median() > 0.5 * ratio
+
+
+def test_row_adam_is_adam_per_row_over_the_steps_that_touched_it():
+    torch.manual_seed(0)
+    start = torch.randn(4, 3, dtype=torch.float64)
+    rows = torch.nn.Parameter(start.clone())
+    optim = RowAdam([rows], lr=0.05)
+    # row r's own Adam, stepped only when r is in the minibatch
+    single = [torch.nn.Parameter(start[r].clone()) for r in range(4)]
+    singles = [torch.optim.Adam([p], lr=0.05) for p in single]
+    for step in range(30):
+        batch = torch.tensor([0, 1]) if step % 3 else torch.tensor([0, 2])  # row 3: never
+        target = torch.randn(4, 3, dtype=torch.float64)
+        picked = torch.nn.functional.embedding(batch, rows, sparse=True)
+        (picked - target[batch]).pow(2).sum().backward()
+        optim.step()
+        rows.grad = None
+        for r in batch.tolist():
+            (single[r] - target[r]).pow(2).sum().backward()
+            singles[r].step()
+            single[r].grad = None
+    for r in range(4):
+        assert torch.allclose(rows[r], single[r], atol=1e-10)
+    assert torch.equal(rows[3].detach(), start[3])
+
+
+def test_a_local_whose_support_moves_with_a_global_is_refused():
+    def model():
+        top = pyro.sample("top", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("members", 20, subsample_size=5):
+            pyro.sample("x", dist.Uniform(0.0, top))
+
+    with pytest.raises(ValueError, match="support of latent site 'x'"):
+        AutoFlowGuide(model).setup()
