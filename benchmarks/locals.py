@@ -201,7 +201,9 @@ def one_scale_point(guide_name: str, groups: int, steps: int = 200) -> None:
     sigma, y = make_data(0, groups)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     pyro.clear_param_store()
-    guide = AutoFlowGuide(model) if guide_name == "AutoFlowGuide" else AutoNormal(model)
+    # local_plates: the same guide at every size (at 1,000 groups the plate is whole)
+    local = AutoFlowGuide(model, local_plates=["groups"])
+    guide = local if guide_name == "AutoFlowGuide" else AutoNormal(model)
     subsample = 1000
     fit(model, guide, sigma, y, subsample, num_steps=20, progress=False, diagnose=False,
         fast=False, stop_early=False)
@@ -214,11 +216,12 @@ def one_scale_point(guide_name: str, groups: int, steps: int = 200) -> None:
     print(f"{ms:.2f} {(peak - before) / 1024:.0f} {params:.1f}")
 
 
-def scale(sizes=(10**3, 10**4, 10**5, 10**6)) -> None:
+def scale(sizes=(10**3, 10**4, 10**5, 10**6), repeats: int = 3) -> None:
     lines = [
         "Per-step time of `fit` (general path, 1 thread, subsample 1,000, one process per "
-        "point) against the number of groups; memory is the process's peak RSS growth "
-        "(MiB) beside the guide's parameters (MiB).",
+        "run, the median of 3 interleaved runs) against the number of groups; memory is the "
+        "process's peak RSS growth (MiB) beside the guide's parameters (MiB). AutoFlowGuide "
+        "with `local_plates=['groups']`, so that the plate is local at 1,000 groups too.",
         "",
         "| groups | AutoFlowGuide ms/step | AutoNormal ms/step | ratio | AutoFlowGuide peak "
         "MiB (params) | AutoNormal peak MiB (params) |",
@@ -226,16 +229,18 @@ def scale(sizes=(10**3, 10**4, 10**5, 10**6)) -> None:
     ]
     rows = []
     for groups in sizes:
-        point = {}
-        for name in ("AutoFlowGuide", "AutoNormal"):
-            code = (
-                f"from benchmarks.locals import one_scale_point; "
-                f"one_scale_point({name!r}, {groups})"
-            )
-            out = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, check=True
-            ).stdout.split()
-            point[name] = [float(v) for v in out[-3:]]
+        runs = {"AutoFlowGuide": [], "AutoNormal": []}
+        for _ in range(repeats):  # interleaved: this machine's speed drifts between runs
+            for name, seen in runs.items():
+                code = (
+                    f"from benchmarks.locals import one_scale_point; "
+                    f"one_scale_point({name!r}, {groups})"
+                )
+                out = subprocess.run(
+                    [sys.executable, "-c", code], capture_output=True, text=True, check=True
+                ).stdout.split()
+                seen.append([float(v) for v in out[-3:]])
+        point = {name: sorted(seen)[len(seen) // 2] for name, seen in runs.items()}  # median
         flow, normal = point["AutoFlowGuide"], point["AutoNormal"]
         rows.append((groups, flow[0], normal[0]))
         lines.append(

@@ -198,6 +198,16 @@ INCLUDED = [
     ("infer_route.md", None),
     ("infer.md", "### infer against Pyro's NUTS (python -m benchmarks.infer)"),
     ("quickstart.md", "### The README quickstart at seeds 0-19 (python -m benchmarks.quickstart)"),
+    (
+        "locals.md",
+        "### Local latents: a subsampled hierarchy against its exact posterior "
+        "(python -m benchmarks.locals)",
+    ),
+    (
+        "locals_scale.md",
+        "### Local latents: step cost against the number of groups "
+        "(python -m benchmarks.locals --scale)",
+    ),
 ]
 
 

@@ -3,10 +3,9 @@ r"""Local latents of ``AutoFlowGuide``: per-member parameters and a conditional 
 A latent site in a *local plate* (one the model subsamples, or one named in
 ``AutoFlowGuide(..., local_plates=[...])``) is kept out of the global flow's vector. Its
 guide is ``q(globals) * prod_i q(local_i | globals)``: every element of a member ``i`` has
-its own location ``loc_i`` and scale ``s_i`` (times one learned scale shared by the site),
-indexed by the plate's subsample (a step touches only the minibatch's members), and a small
-network shared by all members of the site shifts and rescales them given the globals draw
-``g``::
+its own location ``loc_i`` and scale ``s_i``, indexed by the plate's subsample (a step
+touches only the minibatch's members), and a small network shared by all members of the
+site shifts and rescales them given the globals draw ``g``::
 
     u_i = loc_i + s_i * (a + exp(b) * eps_i),   eps_i ~ N(0, 1)
     (a, b) = net(g standardised, loc_i, log s_i)
@@ -56,6 +55,7 @@ __all__ = [
     "guide_plates",
     "plate_sizes",
     "sparse_gradients",
+    "subsample_indices",
     "take_local_sites",
 ]
 
@@ -234,8 +234,25 @@ def guide_plates(given, frames: dict, sizes: dict) -> dict:
         if name not in plates:
             full = frame.full_size or frame.size
             size = sizes.get(name, frame.size)
-            plates[name] = pyro.plate(name, full, dim=frame.dim, subsample_size=size)
+            index = subsample_indices(full, size) if size < full else None
+            plates[name] = pyro.plate(
+                name, full, dim=frame.dim, subsample_size=size, subsample=index
+            )
     return plates
+
+
+def subsample_indices(size: int, subsample_size: int) -> Tensor:
+    """``subsample_size`` distinct indices of ``range(size)``, uniformly, in O(subsample
+    size) where it is a small fraction (Pyro's plate draws a whole ``randperm(size)``: 13 ms
+    a step at a million members, ``benchmarks/RESULTS.md``, "Local latents")."""
+    if subsample_size * 4 > size:
+        return torch.randperm(size)[:subsample_size]
+    picked = torch.empty(0, dtype=torch.long)
+    while len(picked) < subsample_size:  # draw with replacement, keep the distinct ones
+        more = torch.randint(size, (subsample_size + subsample_size // 8 + 8,))
+        picked = torch.cat([picked, more]).unique()
+    # unique() sorts: a random subset of the distinct draws, in random order
+    return picked[torch.randperm(len(picked))[:subsample_size]]
 
 
 def plate_sizes(trace) -> dict[str, tuple[int, int]]:
@@ -306,16 +323,12 @@ class LocalLatents(nn.Module):
         self.sparse_gradients = False
         self.loc = nn.ParameterList()
         self.scale_raw = nn.ParameterList()
-        # One shared log-scale per site, trained at every step: the members' common scale is
-        # learned from every minibatch, each member's own row only when it is drawn.
-        self.log_scale_shift = nn.ParameterList()
         self.nets = nn.ModuleList()
         raw = math.log(math.expm1(init_scale))  # softplus(raw) == init_scale
         for site in self.sites:
             value = like.new_zeros(site.shape) if init is None else self._tiled(site, init)
             self.loc.append(nn.Parameter(self._rows(site, value).to(like)))
             self.scale_raw.append(nn.Parameter(torch.full_like(self.loc[-1], raw)))
-            self.log_scale_shift.append(nn.Parameter(like.new_zeros(())))
             self.nets.append(ConditionalNet(global_dim).to(like))
 
     @staticmethod
@@ -353,8 +366,7 @@ class LocalLatents(nn.Module):
         from the right): ``loc + s a`` and ``s exp(b)``."""
         site = self.sites[k]
         loc = self._gather(k, self.loc[k], indices)
-        raw = self._gather(k, self.scale_raw[k], indices)
-        scale = nn.functional.softplus(raw) * self.log_scale_shift[k].exp()
+        scale = nn.functional.softplus(self._gather(k, self.scale_raw[k], indices))
         event = (1,) * (len(site.shape) - site.batch_ndim)
         g_std = g_std.reshape(g_std.shape[:-1] + event + g_std.shape[-1:])
         shift, log_scale = self.nets[k](g_std, loc, scale)

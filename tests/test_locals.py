@@ -107,10 +107,11 @@ def test_the_subsampled_elbo_is_unbiased_for_the_full_data_elbo():
     with torch.no_grad():  # a trained-like guide: the networks not at zero
         for p in guide.locals.nets.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    elbo = Trace_ELBO()
+    # each call: 100 particles, vectorised (one minibatch per call, fresh at every call)
+    elbo = Trace_ELBO(num_particles=100, vectorize_particles=True, max_plate_nesting=1)
     with torch.no_grad():
-        mini = torch.tensor([elbo.loss(hierarchical, guide, sigma, y, 8) for _ in range(3000)])
-        full = torch.tensor([elbo.loss(hierarchical, guide, sigma, y) for _ in range(1000)])
+        mini = torch.tensor([elbo.loss(hierarchical, guide, sigma, y, 8) for _ in range(150)])
+        full = torch.tensor([elbo.loss(hierarchical, guide, sigma, y) for _ in range(50)])
     se = (mini.var() / len(mini) + full.var() / len(full)).sqrt()
     assert abs(mini.mean() - full.mean()) < 3 * se
 
@@ -219,6 +220,7 @@ def test_what_needs_every_member_says_so():
         fit(hierarchical, guide, sigma, y, 10, loss="dreg", num_particles=4, progress=False)
 
 
+@pytest.mark.slow  # 3000 steps of fit
 def test_the_locals_conditional_spread_follows_the_global_scale():
     # Centred, weakly informed groups: theta_i | tau has spread ~ tau (a funnel).
     torch.manual_seed(0)
@@ -275,3 +277,16 @@ def test_a_local_whose_support_moves_with_a_global_is_refused():
 
     with pytest.raises(ValueError, match="support of latent site 'x'"):
         AutoFlowGuide(model).setup()
+
+
+def test_the_guides_subsample_indices_are_distinct_and_uniform():
+    from pyroflows.locals import subsample_indices
+
+    counts = torch.zeros(60)
+    for _ in range(6000):
+        index = subsample_indices(60, 6)
+        assert len(index.unique()) == 6
+        counts[index] += 1
+    expected = 6000 * 6 / 60  # each member in a draw with probability 1/10
+    assert (counts - expected).abs().max() < 5 * (expected * 0.9) ** 0.5
+    assert len(subsample_indices(10**6, 1000).unique()) == 1000
