@@ -22,17 +22,16 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from .scoring import scoring
+from .subsampling import refuse_subsampled
 
 __all__ = [
     "NOT_VECTORISED_HINT",
     "Draws",
     "SiteInfo",
-    "SubsampledModel",
     "draw",
     "evaluate_at",
     "is_shape_error",
     "log_joint_at",
-    "refuse_subsampled",
     "runs_vectorised",
     "sum_per_draw",
 ]
@@ -141,24 +140,6 @@ def draw(
         cat["predictive"],
         mpn,
     )
-
-
-class SubsampledModel(ValueError):
-    """The model subsampled a plate: draws weighed against a minibatch say nothing."""
-
-
-def refuse_subsampled(trace) -> None:
-    """Raise ``SubsampledModel`` naming a subsampled plate of ``trace``, if any."""
-    for name, site in trace.nodes.items():
-        for frame in site.get("cond_indep_stack", ()):
-            if frame.full_size is not None and frame.full_size != frame.size:
-                raise SubsampledModel(
-                    f"the model subsamples plate {frame.name!r} ({frame.size} of "
-                    f"{frame.full_size}, at site {name!r}): importance weights, k-hat and "
-                    "log-likelihoods need every member. Call it with arguments under which "
-                    "the plate is whole (e.g. subsample_size=None); a guide with local "
-                    "latents then draws every member"
-                )
 
 
 @torch.no_grad()

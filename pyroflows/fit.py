@@ -25,7 +25,6 @@ from . import distributed as dist_
 from .calls import model_keywords
 from .compiled import Disagreement, compile_step
 from .diagnostics import psis_diagnostic
-from .draws import SubsampledModel
 from .guides import AutoFlowGuide
 from .locals import sparse_gradients
 from .objectives import FlowELBO, ImportanceWeightedELBO
@@ -33,6 +32,7 @@ from .progress import FitError, Progress, check_setting
 from .schedule import Schedule
 from .scoring import check_stopped_scoring, scoring
 from .step import GuardedStep
+from .subsampling import SubsampledModel
 
 __all__ = ["FitError", "FitResult", "FitState", "fit"]
 

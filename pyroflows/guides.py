@@ -46,9 +46,7 @@ from .locals import (
     LocalLatents,
     LocalSite,
     check_local_sites,
-    check_subsampling,
     find_local_sites,
-    guide_plates,
     take_local_sites,
 )
 from .scoring import FlowInverter, FlowPosterior, StoppedScore
@@ -64,6 +62,7 @@ from .sites import (
     unconstrained_energy,
 )
 from .state import check_entries, check_same_architecture, read_saved_state
+from .subsampling import check_subsampling, guide_plates
 
 __all__ = ["AutoFlowGuide", "init_to_median"]
 
@@ -424,8 +423,8 @@ class AutoFlowGuide(AutoContinuous):
             self._check_param_store()
         result = super().forward(*args, **kwargs)
         if self.locals is not None:
-            g_std = self._standardised(self._globals_draw)
-            result.update(self.locals.sample(g_std, self.plates))
+            g = self._globals_draw
+            result.update(self.locals.sample(g, self._standardised(g), self.plates))
         return result
 
     def _standardised(self, latent: Tensor) -> Tensor:
@@ -480,7 +479,7 @@ class AutoFlowGuide(AutoContinuous):
             latent = self.get_posterior().sample((num_samples,))
             local = {}
             if self.locals is not None:
-                local = self.locals.draw_all(self._standardised(latent))
+                local = self.locals.draw_all(latent, self._standardised(latent))
         return {**self.latent_to_sites(latent), **local}
 
     def latent_to_sites(self, latent: Tensor) -> dict[str, Tensor]:

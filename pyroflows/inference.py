@@ -32,19 +32,13 @@ import pyro
 
 from .calls import model_keywords
 from .diagnostics import importance_resample
-from .draws import (
-    NOT_VECTORISED_HINT,
-    SubsampledModel,
-    draw,
-    evaluate_at,
-    refuse_subsampled,
-    runs_vectorised,
-)
+from .draws import NOT_VECTORISED_HINT, draw, evaluate_at, runs_vectorised
 from .fit import fit
 from .guides import AutoFlowGuide
 from .neutra import neutra_chain
 from .posterior import Posterior, Route, Stage
 from .progress import check_setting
+from .subsampling import subsampled_plate
 from .transforms import invertible
 
 __all__ = ["STAGES", "infer"]
@@ -55,19 +49,16 @@ SEQUENTIAL_PROPOSALS = 1000  # for a model that does not broadcast over draws
 MAX_PROPOSALS = 40_000  # when k-hat is fine but the ESS short: draw up to this many
 R_HAT_LIMIT = 1.01
 NEUTRA_MIN_SECONDS = 10.0  # a chain needs its warm-up: not started with less time left
-# Compiling a step costs seconds up front (about 150 general steps' worth): with less of
-# the budget left than this, the general path's first step comes sooner.
-COMPILE_MIN_SECONDS = 20.0
+COMPILE_MIN_SECONDS = 20.0  # compiling costs ~150 general steps: not worth it with less left
 NEUTRA_TARGET_ACCEPT = 0.9  # smaller steps where the flow leaves curvature (funnel necks)
 MCMC_MIN_ESS = 400  # Vehtari et al. (2021)'s bulk-ESS rule for MCMC draws
 # Resampled draws are accepted below this k-hat (finite variance of the weights), not at
 # PSIS's 0.7: on Neal's funnel a dreg fit passed 0.7 at k-hat 0.57 with a log sd off by 0.24
 # (``benchmarks/RESULTS.md``, "infer: the route").
 ACCEPT_KHAT = 0.5
-# A fit stops early once k-hat (on as many draws as the acceptance check uses: on 1000 it
-# read 0.5 where 4000 read 0.73, on centred eight schools) is below the acceptance level;
-# the answer is then judged on fresh draws (stopping at a dip of a noisy k-hat and judging
-# the same draws accepted a mean 0.29 sd off there).
+# A fit stops once k-hat (on as many draws as the acceptance check: on eight schools 1000
+# read 0.5 where 4000 read 0.73) is below the bar; the answer is judged on fresh draws
+# (judging the draws that stopped it accepted a mean 0.29 sd off there).
 CHECK_EVERY = 500
 PARTICLES = 8  # of the dreg stage (benchmarks/RESULTS.md: K=8 met 10 of 14 posteriors)
 FIT_STEPS, DREG_STEPS = 5000, 3000  # the benchmark's budget; the plateau rule ends most sooner
@@ -214,24 +205,15 @@ class _Run:
     def setup(self) -> None:
         self.guide.setup(*self.args, **self.kwargs)
         if self.vectorised is None:
-            trace = pyro.poutine.trace(self.model).get_trace(*self.args, **self.kwargs)
-            try:
-                refuse_subsampled(trace)
-            except SubsampledModel as error:
-                self.subsampled, self.vectorised = str(error), False
-                return
+            self.subsampled = subsampled_plate(self.model, self.args, self.kwargs)
             args = (self.model, self.guide, self.args, self.kwargs)
-            self.vectorised = runs_vectorised(*args, num=PARTICLES)
+            self.vectorised = not self.subsampled and runs_vectorised(*args, num=PARTICLES)
 
     def without_weights(self) -> str:
-        """Why the stages that weigh the guide's joint draws cannot run, or ``""``."""
-        if self.subsampled:
-            return f"skipped: {self.subsampled.split(': ')[0]}"
-        if self.guide.local_sites:
-            return (
-                f"skipped: the guide's local latents ({', '.join(self.guide.local_sites)}) are "
-                "drawn per member outside the flow this stage works through"
-            )
+        """Why the stages working through the flow's one vector cannot run, or ``""``."""
+        if self.subsampled or self.guide.local_sites:
+            local = f"local latents ({', '.join(self.guide.local_sites)}) outside the flow"
+            return f"skipped: {self.subsampled or local}"
         return ""
 
     def stage_laplace(self, stage: Stage) -> None:
@@ -245,7 +227,7 @@ class _Run:
         self.setup()
         stage.outcome = self.fit(loss="elbo", num_particles=1, num_steps=FIT_STEPS)
         if self.subsampled:
-            stage.outcome += "guide draws: no k-hat (the model subsamples)"
+            stage.outcome += f"guide draws, no k-hat: {self.subsampled}"
             self.keep_guide_draws()
         else:
             self.weigh(stage)
@@ -331,23 +313,15 @@ class _Run:
                 why.append(f"stopped at step {state.step}: k-hat {peek.diagnostic.k_hat:.2f}")
             return bool(why)
 
-        result = fit(
-            self.model,
-            self.guide,
-            *self.args,
-            progress=self.progress,
-            diagnose=False,
-            callbacks=[enough],
-            fast=self.left() > COMPILE_MIN_SECONDS,
-            model_kwargs=self.kwargs,
-            **settings,
-        )
+        fast = self.left() > COMPILE_MIN_SECONDS
+        settings.update(progress=self.progress, diagnose=False, callbacks=[enough], fast=fast)
+        result = fit(self.model, self.guide, *self.args, model_kwargs=self.kwargs, **settings)
         return f"{result.num_steps} steps ({why[0] if why else result.reason}); "
 
     def keep_guide_draws(self) -> None:
         """The guide's own draws of every member: where nothing can weigh them."""
         samples = self.guide.sample_posterior(self.num_samples, seed=None)
-        label = f"guide draws, unweighed: {self.subsampled.split(': ')[0]}"
+        label = f"guide draws, unweighed: {self.subsampled}"
         self.keep(0, self.posterior(samples, "guide", {}, None), label)
 
     def deterministic_at(self, latent: dict) -> dict:
@@ -419,14 +393,5 @@ class _Run:
 
     def posterior(self, samples, kind, diagnostics, source) -> Posterior:
         samples = {k: v.detach() for k, v in samples.items()}
-        return Posterior(
-            samples,
-            kind,
-            diagnostics,
-            self.route,
-            self.guide,
-            source,
-            self.model,
-            self.args,
-            self.kwargs,
-        )
+        call = (self.model, self.args, self.kwargs)
+        return Posterior(samples, kind, diagnostics, self.route, self.guide, source, *call)

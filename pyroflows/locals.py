@@ -1,20 +1,24 @@
-r"""Local latents of ``AutoFlowGuide``: per-member parameters and a conditional affine.
+r"""Local latents of ``AutoFlowGuide``: per-member parameters and a learned prior.
 
 A latent site in a *local plate* (one the model subsamples, or one named in
 ``AutoFlowGuide(..., local_plates=[...])``) is kept out of the global flow's vector. Its
-guide is ``q(globals) * prod_i q(local_i | globals)``: every element of a member ``i`` has
-its own location ``loc_i`` and scale ``s_i``, indexed by the plate's subsample (a step
-touches only the minibatch's members), and a small network shared by all members of the
-site shifts and rescales them given the globals draw ``g``::
+guide is ``q(globals) * prod_i q(local_i | globals)``. Every element of a member ``i`` has
+its own Gaussian ``N(m_i, s_i^2)``, indexed by the plate's subsample (a step touches only the
+minibatch's members), and a network shared by all members of the site gives a learned prior
+given the globals draw ``g``; the member's conditional is their product::
 
-    u_i = loc_i + s_i * (a + exp(b) * eps_i),   eps_i ~ N(0, 1)
-    (a, b) = net(g standardised, loc_i, log s_i)
+    q(u_i | g) ∝ N(u_i; prior_mean(g), 1 / prior_precision(g)) * N(u_i; m_i, s_i^2)
+    (log prior_precision, prior_mean) = linear(g) + mlp(g standardised, m_i, log s_i)
 
-in unconstrained space, then ``biject_to(support)``. The network's last layer starts at
-zero, so an untrained guide is ``AutoNormal`` on the locals; trained, a local's location
-and spread follow the globals (the funnel of hierarchical models: a group's spread shrinks
-with the global scale). Within one member the elements are conditionally independent given
-``g``. ``docs/guide/local-latents.md`` says how this was chosen and what it does not reach.
+in unconstrained space, then ``biject_to(support)``: a Gaussian of precision
+``prior_precision + 1 / s_i^2``. This is the form of the exact conditional of a normal
+hierarchy (``theta_i | mu, tau, y_i``: the prior ``N(mu, tau)`` times the likelihood's
+``N(y_i, sigma_i)``), which the linear part represents exactly (``-2 log tau``, ``mu``), so
+that a member's location and spread follow the globals without having to be learned from
+them: as the global scale shrinks, every member's spread shrinks with it (the funnel of
+hierarchical models). The members' Gaussians start wide (``s_i = 1``), so the prior leads.
+Within one member the elements are conditionally independent given ``g``.
+``docs/guide/local-latents.md`` has the measurements behind this choice.
 
 Example:
     >>> import pyro, pyro.distributions as dist
@@ -38,30 +42,24 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.util import sum_rightmost
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import biject_to
-
-from .transforms.transformers import soft_clip
 
 __all__ = [
     "LocalLatents",
     "LocalSite",
     "check_local_sites",
-    "check_subsampling",
-    "explicit_subsamples",
     "find_local_sites",
-    "guide_plates",
-    "plate_sizes",
     "sparse_gradients",
-    "subsample_indices",
     "take_local_sites",
 ]
 
 HIDDEN = 16  # the prior network's width (benchmarks/RESULTS.md, "Local latents")
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-LOG_SCALE_BOUND = 5.0  # exp(b) within (e^-5, e^5): a defensive clip, as the flows' scales
+# The learned prior's precision within e^(+-30): room for a global scale near zero (the
+# funnel's neck), finite in float32; a clamp: within it the linear part stays exact.
+LOG_PRECISION_BOUND = 30.0
+MEMBER_SCALE = 1.0  # the members' Gaussians start this wide: the prior, not they, leads
 
 
 @dataclass(frozen=True)
@@ -169,50 +167,6 @@ def find_local_sites(prototype_trace, local_plates=()) -> list[LocalSite]:
     return sites
 
 
-class _RecordExplicit(Messenger):
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def _pyro_sample(self, msg):
-        if site_is_subsample(msg) and msg["value"] is not None:
-            self.names.add(msg["name"])
-
-
-def explicit_subsamples(model, args, kwargs) -> tuple[set[str], dict[str, tuple[int, int]]]:
-    """Run the model once: the plates given explicit indices (``subsample=``), and every
-    plate's ``(full size, size)``."""
-    record = _RecordExplicit()
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        with pyro.poutine.block(), record:
-            trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
-    return record.names, plate_sizes(trace)
-
-
-def check_subsampling(model, sites, args, kwargs, guide_plates: bool) -> dict[str, int]:
-    """The local plates' sizes for these arguments; refuses explicit indices the guide
-    cannot see (without ``create_plates``) and a plate whose full size changed."""
-    explicit, sizes = explicit_subsamples(model, args, kwargs)
-    for site in sites:
-        for dim, plate in zip(site.local_dims, site.local_plates, strict=True):
-            full = sizes.get(plate, (site.shape[dim], None))[0]
-            if full != site.shape[dim]:
-                raise ValueError(
-                    f"AutoFlowGuide: plate {plate!r} has {full} members for these arguments "
-                    f"but {site.shape[dim]} for this guide, whose per-member parameters are "
-                    "made for them: create a new guide for the new data"
-                )
-            if plate in explicit and not guide_plates:
-                raise ValueError(
-                    f"AutoFlowGuide: the model gives plate {plate!r} explicit indices "
-                    "(pyro.plate(..., subsample=...)), which the guide cannot see and Pyro "
-                    "would replace with the guide's own random ones. Give the guide the same "
-                    f"indices: AutoFlowGuide(model, create_plates=lambda *args, **kwargs: "
-                    f"pyro.plate({plate!r}, {full}, subsample=<the model's indices>))"
-                )
-    return {plate: size for plate, (_, size) in sizes.items()}
-
-
 def take_local_sites(prototype_trace, sites) -> dict[str, Tensor]:
     """Remove the local sites from a guide's prototype trace (the flow's vector holds the
     globals); their unconstrained values, the members' start."""
@@ -222,47 +176,6 @@ def take_local_sites(prototype_trace, sites) -> dict[str, Tensor]:
         init[site.name] = biject_to(node["fn"].support).inv(node["value"]).detach()
         prototype_trace.remove_node(site.name)
     return init
-
-
-def guide_plates(given, frames: dict, sizes: dict) -> dict:
-    """The guide's plates: ``given`` (what ``create_plates`` returned: a plate, a list, or
-    nothing), and for every other plate of the model (``frames``, by name) a plate of the
-    model's full size, subsampled to ``sizes[name]`` (default: the frame's size)."""
-    given = [given] if isinstance(given, pyro.plate) else list(given)
-    plates = {plate.name: plate for plate in given}
-    for name, frame in sorted(frames.items()):
-        if name not in plates:
-            full = frame.full_size or frame.size
-            size = sizes.get(name, frame.size)
-            index = subsample_indices(full, size) if size < full else None
-            plates[name] = pyro.plate(
-                name, full, dim=frame.dim, subsample_size=size, subsample=index
-            )
-    return plates
-
-
-def subsample_indices(size: int, subsample_size: int) -> Tensor:
-    """``subsample_size`` distinct indices of ``range(size)``, uniformly, in O(subsample
-    size) where it is a small fraction (Pyro's plate draws a whole ``randperm(size)``: 13 ms
-    a step at a million members, ``benchmarks/RESULTS.md``, "Local latents")."""
-    if subsample_size * 4 > size:
-        return torch.randperm(size)[:subsample_size]
-    picked = torch.empty(0, dtype=torch.long)
-    while len(picked) < subsample_size:  # draw with replacement, keep the distinct ones
-        more = torch.randint(size, (subsample_size + subsample_size // 8 + 8,))
-        picked = torch.cat([picked, more]).unique()
-    # unique() sorts: a random subset of the distinct draws, in random order
-    return picked[torch.randperm(len(picked))[:subsample_size]]
-
-
-def plate_sizes(trace) -> dict[str, tuple[int, int]]:
-    """``{plate: (full size, size)}`` over a trace's sample sites."""
-    sizes = {}
-    for site in trace.nodes.values():
-        for frame in site.get("cond_indep_stack", ()):
-            if frame.vectorized:
-                sizes[frame.name] = (frame.full_size or frame.size, frame.size)
-    return sizes
 
 
 @contextmanager
@@ -282,18 +195,21 @@ def periodic_repeat(value: Tensor, size: int, dim: int) -> Tensor:
     return value.index_select(dim, index)
 
 
-class ConditionalNet(nn.Module):
-    """``(a, b)`` of a member given the globals: one hidden layer over the standardised
-    globals and the member's own location and log scale, zero at the start."""
+class PriorNet(nn.Module):
+    """A member's learned prior given the globals: ``(log precision, mean)``, linear in the
+    globals' unconstrained values (exact for a normal hierarchy: ``-2 log tau`` and ``mu``)
+    plus a small network of the standardised globals and the member's own parameters."""
 
     def __init__(self, global_dim: int):
         super().__init__()
+        self.linear = nn.Linear(global_dim, 2)
         self.hidden = nn.Linear(global_dim + 2, HIDDEN)
         self.out = nn.Linear(HIDDEN, 2)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        for layer in (self.linear, self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
-    def forward(self, g_std: Tensor, loc: Tensor, scale: Tensor):
+    def forward(self, g: Tensor, g_std: Tensor, loc: Tensor, scale: Tensor):
         shape = torch.broadcast_shapes(g_std.shape[:-1], loc.shape)
         features = torch.cat(
             [
@@ -303,7 +219,7 @@ class ConditionalNet(nn.Module):
             ],
             dim=-1,
         )
-        return self.out(torch.tanh(self.hidden(features))).unbind(-1)
+        return (self.linear(g) + self.out(torch.tanh(self.hidden(features)))).unbind(-1)
 
 
 class LocalLatents(nn.Module):
@@ -324,12 +240,12 @@ class LocalLatents(nn.Module):
         self.loc = nn.ParameterList()
         self.scale_raw = nn.ParameterList()
         self.nets = nn.ModuleList()
-        raw = math.log(math.expm1(init_scale))  # softplus(raw) == init_scale
+        raw = math.log(math.expm1(MEMBER_SCALE))  # softplus(raw) == MEMBER_SCALE
         for site in self.sites:
             value = like.new_zeros(site.shape) if init is None else self._tiled(site, init)
             self.loc.append(nn.Parameter(self._rows(site, value).to(like)))
             self.scale_raw.append(nn.Parameter(torch.full_like(self.loc[-1], raw)))
-            self.nets.append(ConditionalNet(global_dim).to(like))
+            self.nets.append(PriorNet(global_dim).to(like))
 
     @staticmethod
     def _tiled(site: LocalSite, init: dict) -> Tensor:
@@ -360,27 +276,31 @@ class LocalLatents(nn.Module):
         order = site.local_dims + site.other_dims
         return rows.permute([order.index(d) for d in range(len(order))])
 
-    def conditional(self, k: int, g_std: Tensor, indices: list[Tensor]):
+    def conditional(self, k: int, g: Tensor, g_std: Tensor, indices: list[Tensor]):
         """The mean and sd of site ``k``'s members ``indices`` (unconstrained, elementwise)
-        given the standardised globals draw ``g_std`` (batch dims aligned with the site's
-        from the right): ``loc + s a`` and ``s exp(b)``."""
+        given the globals draw ``g`` and its standardised ``g_std`` (batch dims aligned
+        with the site's from the right): a learned prior times the member's Gaussian."""
         site = self.sites[k]
         loc = self._gather(k, self.loc[k], indices)
         scale = nn.functional.softplus(self._gather(k, self.scale_raw[k], indices))
         event = (1,) * (len(site.shape) - site.batch_ndim)
+        g = g.reshape(g.shape[:-1] + event + g.shape[-1:])
         g_std = g_std.reshape(g_std.shape[:-1] + event + g_std.shape[-1:])
-        shift, log_scale = self.nets[k](g_std, loc, scale)
-        log_scale = soft_clip(log_scale, LOG_SCALE_BOUND)
-        return loc + scale * shift, scale * log_scale.exp()
+        log_prior_precision, prior_mean = self.nets[k](g, g_std, loc, scale)
+        bound = LOG_PRECISION_BOUND
+        prior_precision = log_prior_precision.clamp(-bound, bound).exp()
+        precision = prior_precision + scale.pow(-2)
+        mean = (prior_precision * prior_mean + loc / scale.square()) / precision
+        return mean, precision.rsqrt()
 
-    def draw(self, k: int, g_std: Tensor, indices: list[Tensor]):
+    def draw(self, k: int, g: Tensor, g_std: Tensor, indices: list[Tensor]):
         """Unconstrained draws of site ``k``'s members ``indices`` (see ``conditional``)
         and their elementwise log densities."""
-        mean, sd = self.conditional(k, g_std, indices)
+        mean, sd = self.conditional(k, g, g_std, indices)
         eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
         return mean + sd * eps, -0.5 * eps.square() - HALF_LOG_2PI - sd.log()
 
-    def sample(self, g_std: Tensor, plates: dict) -> dict[str, Tensor]:
+    def sample(self, g: Tensor, g_std: Tensor, plates: dict) -> dict[str, Tensor]:
         """Sample every local site inside its plates (the guide's, so subsampled as the
         model is) as Pyro sample sites whose density is ``q(local | globals)``."""
         values = {}
@@ -388,7 +308,7 @@ class LocalLatents(nn.Module):
             with ExitStack() as stack:
                 entered = {name: stack.enter_context(plates[name]) for name in site.frames}
                 indices = [entered[name] for name in site.local_plates]
-                u, log_q = self.draw(k, g_std, indices)
+                u, log_q = self.draw(k, g, g_std, indices)
                 values[site.name] = pyro.sample(site.name, self.delta(site, u, log_q))
         return values
 
@@ -404,7 +324,7 @@ class LocalLatents(nn.Module):
         return dist.Delta(value, log_density=log_q - log_det, event_dim=site.event_dim)
 
     @torch.no_grad()
-    def draw_all(self, g_std: Tensor) -> dict[str, Tensor]:
+    def draw_all(self, g: Tensor, g_std: Tensor) -> dict[str, Tensor]:
         """Every member of every local site at each of ``S`` standardised globals draws
         ``g_std (S, D)``: ``{site: (S, *shape)}`` in constrained space."""
         out = {}
@@ -412,7 +332,7 @@ class LocalLatents(nn.Module):
             device = g_std.device
             indices = [torch.arange(site.shape[d], device=device) for d in site.local_dims]
             shape = g_std.shape[:1] + (1,) * site.batch_ndim + g_std.shape[-1:]
-            u, _ = self.draw(k, g_std.reshape(shape), indices)
+            u, _ = self.draw(k, g.reshape(shape), g_std.reshape(shape), indices)
             out[site.name] = biject_to(site.support)(u)
         return out
 

@@ -1,5 +1,7 @@
 """Local latents in AutoFlowGuide: subsampled plates, per-member parameters, lazy updates."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -7,7 +9,7 @@ import torch
 from pyro.infer import Predictive, Trace_ELBO
 from pyro.infer.autoguide import init_to_value
 
-from pyroflows import AutoFlowGuide, fit, psis_diagnostic
+from pyroflows import AutoFlowGuide, fit, infer, neutra, psis_diagnostic
 from pyroflows.row_adam import RowAdam
 
 N = 40
@@ -131,10 +133,28 @@ def test_the_local_density_is_that_of_the_draw_including_the_jacobian():
     site = trace.nodes["rate"]
     idx = trace.nodes["members"]["value"]
     g = trace.nodes[guide.latent_site_name]["value"]
-    mean, sd = guide.locals.conditional(0, (g - guide.loc) / guide.scale, [idx])
+    mean, sd = guide.locals.conditional(0, g, (g - guide.loc) / guide.scale, [idx])
     expected = dist.LogNormal(mean, sd).log_prob(site["value"])
     assert torch.allclose(site["fn"].log_prob(site["value"]), expected, atol=1e-5)
     assert (site["value"] > 0).all()
+
+
+def test_the_learned_prior_represents_a_normal_hierarchys_exact_conditional():
+    # theta_i | mu, tau, y_i: N(mu, tau) times N(y_i, sigma_i), for every mu and tau.
+    sigma, y = data()
+    guide = AutoFlowGuide(hierarchical).setup(sigma, y, 10)
+    net = guide.locals.nets[0]
+    with torch.no_grad():  # log prior precision = -2 log tau; prior mean = mu
+        net.linear.weight.copy_(torch.tensor([[0.0, -2.0], [1.0, 0.0]]))
+        guide.locals.loc[0].copy_(y[:, None])
+        guide.locals.scale_raw[0].copy_(sigma.expm1().log()[:, None])  # softplus^-1
+    idx = torch.arange(N)
+    for mu, tau in [(0.3, 0.2), (1.5, 1.0), (-2.0, 4.0)]:
+        g = torch.tensor([mu, math.log(tau)])
+        mean, sd = guide.locals.conditional(0, g, torch.randn(2), [idx])
+        precision = 1 / tau**2 + 1 / sigma**2
+        assert torch.allclose(sd, precision.rsqrt(), rtol=1e-5)
+        assert torch.allclose(mean, (mu / tau**2 + y / sigma**2) / precision, atol=1e-5)
 
 
 def test_a_last_smaller_batch_and_all_members_for_predictive():
@@ -280,7 +300,7 @@ def test_a_local_whose_support_moves_with_a_global_is_refused():
 
 
 def test_the_guides_subsample_indices_are_distinct_and_uniform():
-    from pyroflows.locals import subsample_indices
+    from pyroflows.subsampling import subsample_indices
 
     counts = torch.zeros(60)
     for _ in range(6000):
@@ -290,3 +310,21 @@ def test_the_guides_subsample_indices_are_distinct_and_uniform():
     expected = 6000 * 6 / 60  # each member in a draw with probability 1/10
     assert (counts - expected).abs().max() < 5 * (expected * 0.9) ** 0.5
     assert len(subsample_indices(10**6, 1000).unique()) == 1000
+
+
+def test_infer_on_a_subsampled_model_returns_guide_draws_of_every_member_and_says_why():
+    sigma, y = data()
+    guide = AutoFlowGuide(hierarchical)
+    fit(hierarchical, guide, sigma, y, 10, num_steps=20, progress=False, diagnose=False)
+    with pytest.warns(UserWarning, match="approximate"):
+        posterior = infer(
+            hierarchical, sigma, y, 10, guide=guide, stages=("dreg", "neutra"),
+            num_samples=300, seed=0, progress=False,
+        )  # fmt: skip
+    assert posterior.kind == "guide" and posterior.samples["theta"].shape == (300, N)
+    for stage in posterior.route.stages:
+        assert stage.outcome.startswith("skipped: plate 'groups' is subsampled (10 of 40)")
+    assert "guide draws, unweighed" in posterior.label
+    assert list(posterior.summary().columns[:2]) == ["mean", "sd"]  # stats, no R-hat
+    with pytest.raises(ValueError, match="local latents \\(theta\\)"):
+        neutra(hierarchical, guide, sigma, y, 10)

@@ -1,0 +1,149 @@
+"""Subsampled plates, as the guide meets them: the model's indices and sizes per call, the
+guide's own plates, and cheap minibatch indices.
+
+``AutoFlowGuide`` follows Pyro's subsampling semantics (``AutoNormal``'s): the model's
+``subsample_size``, guide-side plates through ``create_plates=``, a subsample size that may
+change between calls; these helpers find what the model does for given arguments and build
+the plates the guide enters.
+
+Example:
+    >>> import pyro, pyro.distributions as dist
+    >>> def model():
+    ...     with pyro.plate("data", 100, subsample_size=10):
+    ...         pyro.sample("x", dist.Normal(0.0, 1.0))
+    >>> explicit_subsamples(model, (), {})
+    (set(), {'data': (100, 10)})
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+__all__ = [
+    "SubsampledModel",
+    "check_subsampling",
+    "explicit_subsamples",
+    "guide_plates",
+    "plate_sizes",
+    "refuse_subsampled",
+    "subsample_indices",
+    "subsampled_plate",
+]
+
+
+class _RecordExplicit(Messenger):
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def _pyro_sample(self, msg):
+        if site_is_subsample(msg) and msg["value"] is not None:
+            self.names.add(msg["name"])
+
+
+def explicit_subsamples(model, args, kwargs) -> tuple[set[str], dict[str, tuple[int, int]]]:
+    """Run the model once: the plates given explicit indices (``subsample=``), and every
+    plate's ``(full size, size)``."""
+    record = _RecordExplicit()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with pyro.poutine.block(), record:
+            trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
+    return record.names, plate_sizes(trace)
+
+
+def check_subsampling(model, sites, args, kwargs, has_guide_plates: bool) -> dict[str, int]:
+    """The local plates' sizes for these arguments; refuses explicit indices the guide
+    cannot see (without ``create_plates``) and a plate whose full size changed."""
+    explicit, sizes = explicit_subsamples(model, args, kwargs)
+    for site in sites:
+        for dim, plate in zip(site.local_dims, site.local_plates, strict=True):
+            full = sizes.get(plate, (site.shape[dim], None))[0]
+            if full != site.shape[dim]:
+                raise ValueError(
+                    f"AutoFlowGuide: plate {plate!r} has {full} members for these arguments "
+                    f"but {site.shape[dim]} for this guide, whose per-member parameters are "
+                    "made for them: create a new guide for the new data"
+                )
+            if plate in explicit and not has_guide_plates:
+                raise ValueError(
+                    f"AutoFlowGuide: the model gives plate {plate!r} explicit indices "
+                    "(pyro.plate(..., subsample=...)), which the guide cannot see and Pyro "
+                    "would replace with the guide's own random ones. Give the guide the same "
+                    f"indices: AutoFlowGuide(model, create_plates=lambda *args, **kwargs: "
+                    f"pyro.plate({plate!r}, {full}, subsample=<the model's indices>))"
+                )
+    return {plate: size for plate, (_, size) in sizes.items()}
+
+
+def guide_plates(given, frames: dict, sizes: dict) -> dict:
+    """The guide's plates: ``given`` (what ``create_plates`` returned: a plate, a list, or
+    nothing), and for every other plate of the model (``frames``, by name) a plate of the
+    model's full size, subsampled to ``sizes[name]`` (default: the frame's size)."""
+    given = [given] if isinstance(given, pyro.plate) else list(given)
+    plates = {plate.name: plate for plate in given}
+    for name, frame in sorted(frames.items()):
+        if name not in plates:
+            full = frame.full_size or frame.size
+            size = sizes.get(name, frame.size)
+            index = subsample_indices(full, size) if size < full else None
+            plates[name] = pyro.plate(
+                name, full, dim=frame.dim, subsample_size=size, subsample=index
+            )
+    return plates
+
+
+def subsample_indices(size: int, subsample_size: int) -> Tensor:
+    """``subsample_size`` distinct indices of ``range(size)``, uniformly, in O(subsample
+    size) where it is a small fraction (Pyro's plate draws a whole ``randperm(size)``: 13 ms
+    a step at a million members, ``benchmarks/RESULTS.md``, "Local latents")."""
+    if subsample_size * 4 > size:
+        return torch.randperm(size)[:subsample_size]
+    picked = torch.empty(0, dtype=torch.long)
+    while len(picked) < subsample_size:  # draw with replacement, keep the distinct ones
+        more = torch.randint(size, (subsample_size + subsample_size // 8 + 8,))
+        picked = torch.cat([picked, more]).unique()
+    # unique() sorts: a random subset of the distinct draws, in random order
+    return picked[torch.randperm(len(picked))[:subsample_size]]
+
+
+def plate_sizes(trace) -> dict[str, tuple[int, int]]:
+    """``{plate: (full size, size)}`` over a trace's sample sites."""
+    sizes = {}
+    for site in trace.nodes.values():
+        for frame in site.get("cond_indep_stack", ()):
+            if frame.vectorized:
+                sizes[frame.name] = (frame.full_size or frame.size, frame.size)
+    return sizes
+
+
+class SubsampledModel(ValueError):
+    """The model subsampled a plate: draws weighed against a minibatch say nothing."""
+
+
+def refuse_subsampled(trace) -> None:
+    """Raise ``SubsampledModel`` naming a subsampled plate of ``trace``, if any."""
+    for name, site in trace.nodes.items():
+        for frame in site.get("cond_indep_stack", ()):
+            if frame.full_size is not None and frame.full_size != frame.size:
+                raise SubsampledModel(
+                    f"the model subsamples plate {frame.name!r} ({frame.size} of "
+                    f"{frame.full_size}, at site {name!r}): importance weights, k-hat and "
+                    "log-likelihoods need every member. Call it with arguments under which "
+                    "the plate is whole (e.g. subsample_size=None); a guide with local "
+                    "latents then draws every member"
+                )
+
+
+def subsampled_plate(model, args, kwargs) -> str:
+    """Run the model once: ``"plate 'data' is subsampled (100 of 1000)"``, or ``""``."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), pyro.poutine.block():
+        trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
+    for site in trace.nodes.values():
+        for frame in site.get("cond_indep_stack", ()):
+            if frame.full_size is not None and frame.full_size != frame.size:
+                return f"plate {frame.name!r} is subsampled ({frame.size} of {frame.full_size})"
+    return ""
