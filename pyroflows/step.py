@@ -47,6 +47,9 @@ class GuardedStep:
             value, params = self._general(elbo, model, guide, args, kwargs, step)
         if self.distributed:
             value = self._synchronise(params, value)
+        for param in params:  # once, here: the guard, the undo and the update read it
+            if param.grad is not None and param.grad.is_sparse:
+                param.grad = param.grad.coalesce()
         try:
             self._check(float(value), params, model, guide, args, kwargs, step)
             before = _touched(params)  # to undo a non-finite update
