@@ -97,8 +97,9 @@ class CompiledStep:
             loss, *grads = self.graph(draws, *self.tensors)
         self.steps += 1
         if self.steps % CHECK_EVERY == 0:
-            general = general_loss(self.objective, self.model, self.guide, self.args,
-                                   self.kwargs, draws)
+            general = general_loss(
+                self.objective, self.model, self.guide, self.args, self.kwargs, draws
+            )
             if not _close(loss, general):
                 raise Disagreement(
                     f"at step {self.steps} the compiled step's loss {float(loss):.8g} differs "
@@ -196,9 +197,9 @@ def _check_structure(model, guide, args, kwargs, draws):
     for _ in range(STRUCTURE_RUNS):
         with poutine.trace(param_only=True) as capture, base_draws(guide, draws()):
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(
-                poutine.replay(model, trace=guide_trace)
-            ).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
         for name, site in capture.trace.nodes.items():
             params.setdefault(site["value"].unconstrained(), name)
         for name, site in model_trace.nodes.items():

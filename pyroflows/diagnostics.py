@@ -100,6 +100,7 @@ def importance_resample(
     max_adaptations: int = 10,
     seed: int | None = None,
     predictive: bool = False,
+    warn: bool = True,
     **kwargs,
 ) -> ImportanceResample:
     """PSIS-weighted resampling of guide draws: draws closer to the exact posterior.
@@ -121,6 +122,8 @@ def importance_resample(
         max_adaptations: most moment-matching transformations to accept.
         seed: seeds the resampling (the guide draws use Pyro's random state).
         predictive: also draw the observed sites afresh at each proposal (``draws.predictive``).
+        warn: warn when k-hat says the weights cannot be trusted (off for a caller that
+            reports k-hat itself, as ``infer`` does).
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -140,7 +143,7 @@ def importance_resample(
     can_adapt = all(s.in_guide for s in draws.sites.values() if s.kind == "latent")
     if adapt and can_adapt and not result.ok:
         draws, result, accepted = _moment_match(model, args, kwargs, draws, result, max_adaptations)
-    if not result.ok:
+    if warn and not result.ok:
         warnings.warn(
             f"importance_resample: {result.summary()} The {num_draws or num_samples} resampled "
             f"draws repeat about {result.ess:.0f} distinct proposals.",

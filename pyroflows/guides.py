@@ -1,9 +1,7 @@
 r"""``AutoFlowGuide``: a normalizing-flow guide that drops in where ``AutoNormal`` was.
 
-How it behaves as a Pyro autoguide (one unconstrained latent vector, the affine, lazy
-setup, parameter names, local latents, the start, discrete sites, dependent supports) is set
-out in ``docs/guide/semantics.md``; the figures behind each default, in
-``benchmarks/RESULTS.md``.
+Its semantics as a Pyro autoguide: ``docs/guide/semantics.md``; the figures behind each
+default: ``benchmarks/RESULTS.md``.
 
 Example:
     >>> import pyro, pyro.distributions as dist
@@ -288,10 +286,13 @@ class AutoFlowGuide(AutoContinuous):
         """The Laplace start on ``-log p(x, z(u)) - log|dz/du|`` (``pyroflows.laplace``)."""
         if any(enumerated(m) for m in self.prototype_trace.nodes.values()):
             return LaplaceStart(reason="the model has enumerated discrete sites")
+        return laplace_start(self.energy(*args, **kwargs), init_loc)
 
+    def energy(self, *args, **kwargs):
+        """``u -> -log p(x, z(u)) - log|dz/du|`` for one latent vector ``u`` (the Laplace start
+        and ``pyroflows.modes`` minimise it)."""
         shapes = self._unconstrained_shapes
-        energy = unconstrained_energy(self.model, self.prototype_trace, shapes, args, kwargs)
-        return laplace_start(energy, init_loc)
+        return unconstrained_energy(self.model, self.prototype_trace, shapes, args, kwargs)
 
     def _split_latent(self, latent: Tensor):
         return split_latent(self.prototype_trace, self._unconstrained_shapes, latent)
@@ -311,8 +312,7 @@ class AutoFlowGuide(AutoContinuous):
         self.register_buffer("precond", precond.to(init_loc.device))
         self.preconditioned = laplace is not None
         self.loc = nn.Parameter(start)
-        # Not "*_unconstrained": PyroModule reserves that suffix and would hide the parameter
-        # from SVI's optimizer.
+        # Not "*_unconstrained": PyroModule reserves it and would hide it from SVI's optimizer.
         raw_scale = math.log(math.expm1(init_scale))  # softplus(raw) == init_scale
         self.scale_raw = nn.Parameter(init_loc.new_full((dim,), raw_scale))
         if self._base == "studentt":

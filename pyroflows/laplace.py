@@ -39,7 +39,14 @@ from torch import Tensor
 
 from .psis import psis
 
-__all__ = ["LaplaceStart", "describe_error", "laplace_fits", "laplace_start", "newton_step"]
+__all__ = [
+    "LaplaceStart",
+    "describe_error",
+    "find_mode",
+    "laplace_fits",
+    "laplace_start",
+    "newton_step",
+]
 
 LAPLACE_LIMIT = 200  # the Hessian costs D backward passes: no Laplace start above this
 NEWTON_STEPS = 5  # after L-BFGS, to reach the mode on badly conditioned posteriors
@@ -72,6 +79,19 @@ def laplace_start(energy: Energy, init: Tensor) -> LaplaceStart:
     """
     if len(init) > LAPLACE_LIMIT:
         return LaplaceStart(reason=f"{len(init)} latent dimensions (the limit is {LAPLACE_LIMIT})")
+    found = find_mode(energy, init)
+    if isinstance(found, str):
+        return LaplaceStart(reason=found)
+    mode, precond = found
+    if not laplace_fits(energy, mode, precond):
+        return LaplaceStart(reason="the Laplace approximation is a poor proposal (PSIS k-hat)")
+    return LaplaceStart(mode.to(init.dtype), precond.to(init.dtype))
+
+
+def find_mode(energy: Energy, init: Tensor) -> tuple[Tensor, Tensor] | str:
+    """The mode of ``exp(-energy)`` that a local search from ``init`` reaches and
+    ``chol(H^-1)`` there, both in the search's dtype (float64 where the model takes it),
+    or a string saying why there is none."""
     try:
         with torch.enable_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a search towards no mode warns of NaN
@@ -85,21 +105,19 @@ def laplace_start(energy: Energy, init: Tensor) -> LaplaceStart:
                 if not decrement > 1e-6:
                     break
             if not (torch.isfinite(mode).all() and torch.isfinite(chol_h).all()):
-                return LaplaceStart(reason="the search reached no finite mode")
+                return "the search reached no finite mode"
             # A mode, not a point where the search gave up: the Newton decrement g' H^-1 g
             # (the predicted gain of one more Newton step, in nats) must be small.
             if not decrement < 1e-2:
-                return LaplaceStart(reason=f"no mode found (Newton decrement {decrement:.3g})")
+                return f"no mode found (Newton decrement {decrement:.3g})"
             precond = torch.linalg.cholesky(torch.cholesky_inverse(chol_h))
     # not PD, no density, or (IndexError) torch's strong-Wolfe search indexing past its
     # bracket on a NaN energy
     except (RuntimeError, ValueError, NotImplementedError, IndexError) as error:
-        return LaplaceStart(reason=f"the search failed: {describe_error(error)}")
+        return f"the search failed: {describe_error(error)}"
     if not torch.isfinite(precond).all():
-        return LaplaceStart(reason="the Hessian at the mode is singular")
-    if not laplace_fits(energy, mode, precond):
-        return LaplaceStart(reason="the Laplace approximation is a poor proposal (PSIS k-hat)")
-    return LaplaceStart(mode.to(init.dtype), precond.to(init.dtype))
+        return "the Hessian at the mode is singular"
+    return mode.detach(), precond
 
 
 def _search_dtype(energy: Energy, init: Tensor) -> torch.dtype:

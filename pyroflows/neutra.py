@@ -109,6 +109,20 @@ class NeutraChain:
     seconds: float
     stopped: str = ""
 
+    def passes(self, r_hat_limit: float = 1.01, min_ess: float = 400) -> bool:
+        """Whether the chain can be trusted: split R-hat below ``r_hat_limit``, bulk ESS at
+        least ``min_ess``, no divergence, and it ran to the end."""
+        good = self.r_hat < r_hat_limit and self.ess >= min_ess
+        return good and not self.divergences and not self.stopped
+
+    def describe(self) -> str:
+        """One line: draws, warm-up, R-hat, ESS, divergences, and why it stopped early."""
+        return (
+            f"{self.num_draws} draws after {self.warmup_steps} warm-up, R-hat "
+            f"{self.r_hat:.3f}, ESS {self.ess:.0f}, {len(self.divergences)} divergences"
+            + (f"; {self.stopped}" if self.stopped else "")
+        )
+
 
 def neutra_chain(
     model,

@@ -1,0 +1,273 @@
+r"""Modes a guide never draws from: found by a multi-start search, covered by a mixture.
+
+Importance weights correct a guide only where it draws. A flow fitted by the ELBO (mode
+seeking) to one of two separated modes gives weights that look healthy (PSIS k-hat 0.24 on
+the two-mode ring U1) and draws that miss half the posterior. No diagnostic computed from
+those draws can see it; a search can. ``search_modes`` runs local searches (L-BFGS then
+Newton, as the Laplace start does) from over-dispersed starts and keeps the distinct modes
+reached, each with its Laplace mass. ``ModeSearch.missed`` names those that hold a
+non-negligible mass and that no draw of the guide comes near; ``mixture_resample`` then
+draws from the guide mixed with a Gaussian at each of them and resamples by PSIS, whose
+weights give each mode its share and whose k-hat judges the mixture.
+
+What it cannot see: a mode that no search reaches (starts are few, and in many dimensions
+basins are many), and a lobe of one mode that the guide misses without a mode of its own
+(U4's second ridge): both stay invisible, as they are to every draw-based diagnostic.
+
+Example:
+    >>> import torch
+    >>> def energy(u):  # two unit modes at +-3, the guide below sits on the right one
+    ...     return -torch.logsumexp(torch.stack([-0.5 * ((u - 3) ** 2).sum(),
+    ...                                          -0.5 * ((u + 3) ** 2).sum()]), 0)
+    >>> guide_draws = 3.0 + torch.randn(1000, 1, dtype=torch.float64)
+    >>> found = search_modes(energy, guide_draws, seed=0)
+    >>> missed = found.missed(guide_draws, log_evidence=0.92)
+    >>> len(missed), round(float(missed[0].point[0]), 2)
+    (1, -3.0)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.distributions import biject_to
+
+from .diagnostics import ImportanceResample
+from .draws import Draws, draw, evaluate_at
+from .laplace import LAPLACE_LIMIT, find_mode
+from .psis import PSISResult
+from .sites import enumerated
+
+__all__ = ["Mode", "ModeCheck", "ModeSearch", "check_modes", "mixture_resample", "search_modes"]
+
+SEARCH_STARTS = 10  # half over-dispersed guide draws, half uniform on (-2, 2) as Stan starts
+OVERDISPERSION = 3.0  # the guide's draws spread this much about their mean, as starts
+MIN_MASS = 0.01  # a missed mode with under 1% of the mass the guide covers is ignored
+MIN_SHARE = 0.1  # every component of a mixture proposal draws at least this share
+REACH = 0.1  # a guide reaches a mode with at least this fraction of the mode's mass share
+WIDEN = 1.5  # a missed mode's mixture component: its Laplace sds times this (RESULTS.md)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A local mode of the posterior in the guide's unconstrained space, with its Laplace
+    approximation ``N(point, precond precond^T)`` and that approximation's mass."""
+
+    point: Tensor
+    precond: Tensor
+    log_mass: float
+
+    def distance(self, u: Tensor) -> Tensor:
+        """The Mahalanobis distance of each row of ``u`` from this mode, in its metric."""
+        diff = (u.to(self.point) - self.point).T
+        return torch.linalg.solve_triangular(self.precond, diff, upper=False).norm(dim=0)
+
+    def log_prob(self, u: Tensor) -> Tensor:
+        """The Laplace approximation's log density at each row of ``u``."""
+        d = len(self.point)
+        half_log_det = self.precond.diagonal().log().sum()
+        return -0.5 * self.distance(u).square() - 0.5 * d * math.log(2 * math.pi) - half_log_det
+
+
+@dataclass
+class ModeSearch:
+    """The distinct modes a multi-start search reached (``found``), with how many searches
+    ran and how many reached no mode (a funnel's neck, a boundary)."""
+
+    found: list[Mode]
+    starts: int
+    failed: int
+    seconds: float
+    reasons: list[str] = field(default_factory=list)
+
+    def missed(self, guide_draws: Tensor, log_evidence: float) -> list[Mode]:
+        """The found modes that the guide does not reach, yet whose Laplace mass is at least
+        ``MIN_MASS`` of ``exp(log_evidence)`` (the mass the guide's weights cover). A mode is
+        reached when the share of ``guide_draws`` (unconstrained) that fall where its own
+        Laplace draws do (within their 0.95 quantile of distance) is at least a tenth of its
+        share of the mass: a guide that only touches a mode with its tail cannot give it its
+        weight (on U1 a guide that put 3% of its draws on a mode holding half the mass had
+        PSIS k-hat 0.45 and means 0.96 sd off)."""
+        out = []
+        for mode in self.found:
+            d = len(mode.point)
+            radius = math.sqrt(d + 2 * math.sqrt(2 * d))  # about the 0.95 chi quantile
+            share = float((mode.distance(guide_draws) <= radius).double().mean())
+            ratio = math.exp(min(mode.log_mass - log_evidence, 0.0))
+            if ratio >= MIN_MASS and share < REACH * 0.95 * ratio:
+                out.append(mode)
+        return out
+
+    def describe(self) -> str:
+        if not self.starts:
+            return f"no mode search: {self.reasons[0]}"
+        return (
+            f"{self.starts} searches from over-dispersed starts reached {len(self.found)} "
+            f"distinct mode{'s' * (len(self.found) != 1)}"
+            + (f" ({self.failed} reached none)" if self.failed else "")
+        )
+
+
+def search_modes(energy, guide_draws: Tensor, starts: int = SEARCH_STARTS, seed=None) -> ModeSearch:
+    """Local searches for the modes of ``exp(-energy)`` (``energy`` over one unconstrained
+    vector, as ``AutoFlowGuide.energy`` returns) from ``starts`` over-dispersed points: half
+    are the guide's draws (rows of ``guide_draws``) spread ``OVERDISPERSION`` times about
+    their mean, half uniform on ``(-2, 2)`` in every coordinate (Stan's initialisation).
+    Modes within 2 Laplace sds of one another count once."""
+    began = time.perf_counter()
+    generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    draws = guide_draws.detach()
+    dim = draws.shape[-1]
+    if dim > LAPLACE_LIMIT:
+        reason = f"{dim} latent dimensions (the search's limit is {LAPLACE_LIMIT})"
+        return ModeSearch([], 0, 0, time.perf_counter() - began, [reason])
+    spread = starts // 2
+    picked = draws[torch.randint(len(draws), (spread,), generator=generator)]
+    centre = draws.mean(0)
+    uniform = 4 * torch.rand(starts - spread, dim, generator=generator, dtype=draws.dtype) - 2
+    found, reasons = [], []
+    for start in torch.cat([centre + OVERDISPERSION * (picked - centre), uniform]):
+        result = find_mode(energy, start)
+        if isinstance(result, str):
+            reasons.append(result)
+            continue
+        point, precond = result
+        with torch.no_grad():
+            log_p = -float(energy(point))
+        log_mass = log_p + 0.5 * dim * math.log(2 * math.pi) + float(precond.diagonal().log().sum())
+        mode = Mode(point, precond, log_mass)
+        same = (
+            m.distance(point[None])[0] < 2 or mode.distance(m.point[None])[0] < 2 for m in found
+        )
+        if math.isfinite(log_mass) and not any(same):
+            found.append(mode)
+    return ModeSearch(found, starts, len(reasons), time.perf_counter() - began, reasons)
+
+
+@torch.no_grad()
+def mixture_resample(
+    model, guide, args, kwargs, modes, log_evidence: float, num_samples: int, num_draws: int
+) -> ImportanceResample:
+    """PSIS-resampled draws from the guide mixed with the Laplace approximation of each of
+    ``modes`` (which the guide misses), weighed against the model.
+
+    Each component draws a share of the ``num_samples`` proposals in proportion to the mass
+    it stands for (the guide: ``exp(log_evidence)``; a mode: its Laplace mass), at least
+    ``MIN_SHARE`` each; the weights use the mixture's density, so the guide's flow must have
+    an inverse (``guide.flow_is_invertible``).
+    """
+    posterior = guide.get_posterior(*args, **kwargs)
+    like = guide.loc.detach()
+    modes = [Mode(m.point, WIDEN * m.precond, m.log_mass) for m in modes]
+    log_masses = torch.tensor([log_evidence] + [m.log_mass for m in modes], dtype=torch.float64)
+    shares = torch.softmax(log_masses, 0).clamp(min=MIN_SHARE)
+    counts = (shares / shares.sum() * num_samples).round().long().clamp(min=1)
+    log_share = (counts.double() / counts.sum()).log().to(like)
+    pieces = [posterior.sample((int(counts[0]),))]
+    for mode, count in zip(modes, counts[1:], strict=True):
+        eps = torch.randn(int(count), len(mode.point), dtype=mode.point.dtype)
+        pieces.append((mode.point + eps @ mode.precond.T).to(like))
+    u = torch.cat(pieces)
+    densities = [posterior.log_prob(u)] + [m.log_prob(u).to(like) for m in modes]
+    log_q = torch.logsumexp(torch.stack(densities) + log_share[:, None], 0)
+
+    values = guide.latent_to_sites(u)
+    log_det = torch.zeros(len(u), dtype=like.dtype)
+    for name, value in values.items():
+        transform = biject_to(guide.prototype_trace.nodes[name]["fn"].support)
+        piece = transform.inv(value)
+        log_det = log_det + transform.log_abs_det_jacobian(piece, value).reshape(len(u), -1).sum(-1)
+    probe = draw(model, guide, args, kwargs, 1)
+    at = evaluate_at(model, args, kwargs, probe, values)
+    log_joint = at["log_joint"].to(like)
+    result = PSISResult.from_log_weights(log_joint + log_det - log_q)
+    # Draws' log_q is the density of the constrained values: that of u less log|dz/du|.
+    proposals = Draws(
+        probe.sites,
+        {**values, **at["values"]},
+        at["log_likelihood"],
+        probe.observed,
+        log_joint,
+        log_q - log_det,
+        max_plate_nesting=probe.max_plate_nesting,
+    )
+    index = torch.multinomial(result.log_weights.exp(), num_draws, replacement=True)
+    samples = {name: value[index] for name, value in proposals.values.items()}
+    return ImportanceResample(samples, result, 0, proposals, index)
+
+
+@dataclass
+class ModeCheck:
+    """What ``check_modes`` found: the ``search`` (reusable for a later check of the same
+    posterior), the modes the guide ``missed``, the ``mixture`` answer that adds them (or
+    ``None``, with ``why_not``), and a line for a report."""
+
+    search: ModeSearch
+    missed: list[Mode]
+    mixture: ImportanceResample | None
+    why_not: str
+    words: str
+
+
+def check_modes(
+    model,
+    guide,
+    args,
+    kwargs,
+    answer: ImportanceResample,
+    num_draws: int,
+    search: ModeSearch | None = None,
+    vectorised: bool = True,
+) -> ModeCheck:
+    """Whether the proposal behind an importance-resampled ``answer`` (``guide``'s draws)
+    misses modes a multi-start search finds (``search``, if given, is reused); if it does,
+    the answer with them added (``mixture_resample``) where that can be computed.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyroflows import AutoFlowGuide, importance_resample
+        >>> def model():  # equal modes at -3 and 3; the guide starts on the right one
+        ...     x = pyro.sample("x", dist.Normal(0.0, 10.0))
+        ...     modes = torch.stack([-0.5 * (x - 3) ** 2, -0.5 * (x + 3) ** 2])
+        ...     pyro.factor("two_modes", torch.logsumexp(modes, 0))
+        >>> guide = AutoFlowGuide(model, init_loc_fn=lambda site: torch.tensor(3.0), init_scale=1.0)
+        >>> answer = importance_resample(model, guide, num_samples=2000, seed=0)
+        >>> check = check_modes(model, guide, (), {}, answer, 2000)
+        >>> len(check.missed), round(float((check.mixture.samples["x"] < 0).double().mean()), 1)
+        (1, 0.5)
+    """
+    if any(enumerated(site) for site in guide.prototype_trace.nodes.values()):
+        search = ModeSearch([], 0, 0, 0.0, ["the model has enumerated discrete sites"])
+        return ModeCheck(search, [], None, "", search.describe())
+    with torch.no_grad():
+        u = guide.get_posterior().sample((answer.draws.num_samples,))
+    log_w = answer.draws.log_weights.double()
+    log_evidence = float(torch.logsumexp(log_w, 0)) - math.log(len(log_w))
+    if search is None:
+        seed = int(torch.randint(2**31, ()))  # from Pyro's seeded state: reproducible
+        search = search_modes(guide.energy(*args, **kwargs), u, seed=seed)
+    missed = search.missed(u, log_evidence)
+    words = search.describe()
+    if not missed:
+        return ModeCheck(search, [], None, "", words)
+    words += f", {len(missed)} outside the guide's draws"
+    why_not = ""
+    if not vectorised:
+        why_not = "no mixture proposal: it needs a model that broadcasts over draws"
+    elif not guide.flow_is_invertible:
+        why_not = "no mixture proposal: it needs a flow with an inverse"
+    if why_not:
+        return ModeCheck(search, missed, None, why_not, f"{words} ({why_not})")
+    mixture = mixture_resample(
+        model, guide, args, kwargs, missed, log_evidence, answer.draws.num_samples, num_draws
+    )
+    d = mixture.diagnostic
+    words += (
+        f"; the guide mixed with their Laplace approximations: PSIS k-hat {d.k_hat:.2f}, "
+        f"ESS {d.ess:.0f}"
+    )
+    return ModeCheck(search, missed, mixture, "", words)
