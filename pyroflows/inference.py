@@ -201,7 +201,7 @@ class _Run:
     def setup(self) -> None:
         self.guide.setup(*self.args, **self.kwargs)
         if self.vectorised is None:
-            self.subsampled = subsampled_plate(self.model, self.args, self.kwargs)
+            self.subsampled = subsampled_plate(self.model, self.guide, self.args, self.kwargs)
             args = (self.model, self.guide, self.args, self.kwargs)
             self.vectorised = not self.subsampled and runs_vectorised(*args, num=PARTICLES)
 

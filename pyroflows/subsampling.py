@@ -138,10 +138,14 @@ def refuse_subsampled(trace) -> None:
                 )
 
 
-def subsampled_plate(model, args, kwargs) -> str:
-    """Run the model once: ``"plate 'data' is subsampled (100 of 1000)"``, or ``""``."""
+def subsampled_plate(model, guide, args, kwargs) -> str:
+    """Run the model once on a draw of ``guide``: ``"plate 'data' is subsampled (100 of
+    1000)"``, or ``""``. (On the guide's draw, because the model run alone would sample its
+    priors, and a flat prior cannot be sampled.)"""
     with torch.random.fork_rng(devices=[]), torch.no_grad(), pyro.poutine.block():
-        trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
+        guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
+        replayed = pyro.poutine.replay(model, trace=guide_trace)
+        trace = pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
     for site in trace.nodes.values():
         for frame in site.get("cond_indep_stack", ()):
             if frame.full_size is not None and frame.full_size != frame.size:

@@ -200,9 +200,23 @@ def test_a_neutra_chain_short_of_its_ess_runs_on_until_it_has_it():
     guide = AutoFlowGuide(correlated).setup()  # the Laplace start, exact here: a fast chain
     short = neutra_chain(correlated, guide, num_samples=50, warmup_steps=50)
     pyro.set_rng_seed(0)
-    longer = neutra_chain(
-        correlated, guide, num_samples=50, warmup_steps=50, min_ess=2 * short.ess
-    )
+    longer = neutra_chain(correlated, guide, num_samples=50, warmup_steps=50, min_ess=2 * short.ess)
     assert short.num_draws == 50 and longer.num_draws > 50
     assert longer.ess >= 2 * short.ess or longer.num_draws == 200
     assert longer.samples["x"].shape == (longer.num_draws,)
+
+
+def test_a_flat_prior_model_gets_an_answer():
+    # Regression: infer ran the model once without a guide (to find subsampled plates),
+    # which samples every prior; an ImproperUniform (flat) prior cannot be sampled.
+    def flat(y):
+        mu = pyro.sample("mu", dist.ImproperUniform(dist.constraints.real, (), ()))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    y = torch.tensor([0.9, 1.4, 0.4, 1.3])
+    posterior = infer(flat, y, seed=0, progress=False, stages=("laplace",))
+    assert posterior.route.stages[0].accepted
+    mean, sd = float(y.mean()), 1 / math.sqrt(len(y))
+    draws = posterior.samples["mu"]  # 1000 resampled: their own noise bounds the precision
+    assert within_mcse(draws, mean, sd, min(posterior.diagnostics["ess"], len(draws)))
