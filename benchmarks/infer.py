@@ -26,7 +26,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from .posteriors import POSTERIORS, require_posteriordb, score
+from .posteriors import ADDED, POSTERIORS, require_posteriordb, score
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = RESULTS / "infer.jsonl"
@@ -38,7 +38,7 @@ def run_infer(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     from pyroflows import infer
 
-    posterior = POSTERIORS[job["posterior"]]()
+    posterior = {**POSTERIORS, **ADDED}[job["posterior"]]()
     pyro.clear_param_store()
     start = time.perf_counter()
     result = infer(
@@ -62,7 +62,7 @@ def run_nuts(job: dict) -> dict:
 
     from pyroflows import init_to_median
 
-    posterior = POSTERIORS[job["posterior"]]()
+    posterior = {**POSTERIORS, **ADDED}[job["posterior"]]()
     pyro.set_rng_seed(job["seed"])
     start = time.perf_counter()
     # Pyro's default init (uniform in (-2, 2)) needs a prior it can sample; flat priors
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args(argv)
     if not args.report:
-        posteriors = args.posteriors or list(POSTERIORS)
+        posteriors = args.posteriors or [*POSTERIORS, *ADDED]
         require_posteriordb(posteriors)
         jobs = []
         for name in posteriors:

@@ -294,6 +294,72 @@ def _energy(name, z):
     return -torch.logsumexp(torch.stack([a, b]), 0)
 
 
+TWO_MODES = {"weights": (0.3, 0.7), "at": (-3.0, 3.0), "sd": (0.5, 1.0), "prior_sd": 10.0}
+
+
+def two_modes(dim: int = 4) -> Posterior:
+    """Two well-separated Gaussian modes of unequal weight and width in ``dim`` dimensions: a
+    broad normal prior times a mixture factor (0.3 N(-3, 0.5^2 I) + 0.7 N(3, I)). Exact
+    reference: the prior times each component is again Gaussian, so the posterior is a
+    two-component mixture with known weights. ``left`` (the share of draws with
+    ``x[1] < 0``) is scored against the left mode's weight as a Bernoulli (sd sqrt(p(1-p)))."""
+    weights, at, sd, prior_sd = (TWO_MODES[k] for k in ("weights", "at", "sd", "prior_sd"))
+
+    def model():
+        x = pyro.sample("x", dist.Normal(torch.zeros(dim), prior_sd).to_event(1))
+        parts = [
+            math.log(w) + dist.Normal(m, s).log_prob(x).sum(-1)
+            for w, m, s in zip(weights, at, sd, strict=True)
+        ]
+        pyro.factor("modes", torch.logsumexp(torch.stack(parts), 0))
+
+    # N(x; m, s^2) N(x; 0, p^2) = N(m; 0, s^2 + p^2) N(x; m', v'), per coordinate
+    log_w = torch.tensor(
+        [
+            math.log(w)
+            + dim * float(dist.Normal(0.0, math.sqrt(s**2 + prior_sd**2)).log_prob(torch.tensor(m)))
+            for w, m, s in zip(weights, at, sd, strict=True)
+        ]
+    )
+    post_w = torch.softmax(log_w, 0).tolist()
+    var = [1 / (1 / s**2 + 1 / prior_sd**2) for s in sd]
+    loc = [v * m / s**2 for v, m, s in zip(var, at, sd, strict=True)]
+    mean = sum(w * m for w, m in zip(post_w, loc, strict=True))
+    second = sum(w * (v + m**2) for w, v, m in zip(post_w, var, loc, strict=True))
+    coordinate = {"mean": mean, "sd": math.sqrt(second - mean**2)}
+    left = post_w[0]
+    reference = {f"x[{i + 1}]": coordinate for i in range(dim)}
+    reference["left"] = {"mean": left, "sd": math.sqrt(left * (1 - left))}
+
+    def to_params(d):
+        x = d["x"].reshape(d["x"].shape[0], dim)
+        return {**_flatten("x", x), "left": (x[:, 0] < 0).double()}
+
+    return Posterior(f"two_modes_d{dim}", model, (), to_params, reference, None)
+
+
+def heavy_tails(dim: int = 3, df: float = 1.5) -> Posterior:
+    """Independent Student-t coordinates with ``df = 1.5`` (no finite variance): scored on
+    ``log|x_i|``, whose mean and sd are finite (by quadrature)."""
+
+    def model():
+        pyro.sample("x", dist.StudentT(df, torch.zeros(dim), 1.0).to_event(1))
+
+    r = torch.linspace(-30.0, 30.0, 600_001, dtype=torch.float64)  # r = log|x|
+    t = dist.StudentT(torch.tensor(df, dtype=torch.float64))
+    density = 2 * t.log_prob(r.exp()).exp() * r.exp()  # of log|x|
+    density = density / density.sum()
+    mean = float((density * r).sum())
+    lx = {"mean": mean, "sd": float((density * (r - mean) ** 2).sum().sqrt())}
+
+    def to_params(d):
+        logabs = d["x"].reshape(d["x"].shape[0], dim).abs().log()
+        return {f"log|x[{i + 1}]|": logabs[:, i] for i in range(dim)}
+
+    reference = {f"log|x[{i + 1}]|": lx for i in range(dim)}
+    return Posterior(f"heavy_tails_d{dim}", model, (), to_params, reference, None, log_z=0.0)
+
+
 def energy(name: str) -> Posterior:
     """A Rezende-Mohamed energy; reference moments, draws and log Z by quadrature on a grid."""
 
@@ -381,6 +447,8 @@ def score(posterior: Posterior, draws: dict) -> dict:
     }
     if w1:
         out["max_w1"] = max(w1)
+    if "left" in posterior.reference:  # a two-mode target: the left mode's weight
+        out["left_weight"] = float(params["left"].double().mean())
     return out
 
 
@@ -401,7 +469,15 @@ def exact_draws(posterior: Posterior, num: int, seed: int = 0) -> dict:
     return {"v": v, "x": x}
 
 
-ANALYTIC = ("funnel_d10", "U1", "U2", "U3", "U4")  # references computed here, no posteriordb
+# Added for `infer` (issue "A NUTS-grade posterior in one call"): scored by benchmarks.infer,
+# not part of the accuracy set's default list.
+ADDED = {
+    "funnel_d50": functools.partial(funnel, 50),
+    "two_modes_d4": two_modes,
+    "heavy_tails_d3": heavy_tails,
+}
+# references computed here, no posteriordb
+ANALYTIC = ("funnel_d10", "U1", "U2", "U3", "U4", *ADDED)
 
 
 def require_posteriordb(names) -> None:

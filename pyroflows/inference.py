@@ -352,7 +352,8 @@ class _Run:
                 out, maps = adapted, adapted.num_adaptations
                 diagnostics.update(k_hat_moment_matched=adapted.diagnostic.k_hat, maps=maps)
                 label += f" (moment-matched: {maps} maps, k-hat {adapted.diagnostic.k_hat:.2f})"
-        out, label, diagnostics = self.cover_modes(stage, out, label, diagnostics)
+        if stage.accepted:  # a rejected answer is not rescued: its gaps may hide the bias
+            out, label, diagnostics = self.cover_modes(stage, out, label, diagnostics)
         self.check_seconds = time.perf_counter() - began
         self.keep(
             2 if stage.accepted else 0,
@@ -361,13 +362,14 @@ class _Run:
         )
 
     def cover_modes(self, stage: Stage, out, label: str, diagnostics: dict):
-        """Search (once per call) for modes the guide never draws from; found ones are mixed
-        into the proposal, and the mixture's weights are judged instead."""
+        """Search (once per call) for modes the accepted guide never draws from; found ones
+        are mixed into the proposal, which must then pass the same check."""
         if self.deadline is not None and self.left() < 4 * self.check_seconds + 1.0:
             stage.outcome += "; no mode search: the time budget"
             return out, label, diagnostics
         call = (self.model, self.guide, self.args, self.kwargs)
-        check = check_modes(*call, out, self.num_samples, self.modes, self.vectorised)
+        allowed = max(2.0, 0.5 * (time.perf_counter() - self.start))  # at most ~1.5x the call
+        check = check_modes(*call, out, self.num_samples, self.modes, self.vectorised, allowed)
         self.modes, self.missed = check.search, check.missed
         stage.outcome += f"; {check.words}"
         diagnostics.update(modes_missed=len(check.missed))

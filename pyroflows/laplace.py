@@ -41,6 +41,7 @@ from .psis import psis
 
 __all__ = [
     "LaplaceStart",
+    "descend",
     "describe_error",
     "find_mode",
     "laplace_fits",
@@ -92,12 +93,12 @@ def find_mode(energy: Energy, init: Tensor) -> tuple[Tensor, Tensor] | str:
     """The mode of ``exp(-energy)`` that a local search from ``init`` reaches and
     ``chol(H^-1)`` there, both in the search's dtype (float64 where the model takes it),
     or a string saying why there is none."""
+    mode = descend(energy, init)
+    if isinstance(mode, str):
+        return mode
     try:
         with torch.enable_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a search towards no mode warns of NaN
-            # A copy: in float64, .double() would be init itself, and L-BFGS writes in place.
-            start = init.detach().to(_search_dtype(energy, init), copy=True)
-            mode = _minimise(energy, start.requires_grad_(True))
             # L-BFGS stalls on badly conditioned posteriors (e.g. a regression on an
             # uncentred covariate); Newton steps are affine invariant and finish the job.
             for _ in range(NEWTON_STEPS):
@@ -118,6 +119,22 @@ def find_mode(energy: Energy, init: Tensor) -> tuple[Tensor, Tensor] | str:
     if not torch.isfinite(precond).all():
         return "the Hessian at the mode is singular"
     return mode.detach(), precond
+
+
+def descend(energy: Energy, init: Tensor) -> Tensor | str:
+    """L-BFGS on ``energy`` from ``init`` (float64 where the model takes it): the point it
+    ends at, or a string saying why the search failed. ``find_mode`` finishes from there."""
+    try:
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a search towards no mode warns of NaN
+            # A copy: in float64, .double() would be init itself, and L-BFGS writes in place.
+            start = init.detach().to(_search_dtype(energy, init), copy=True)
+            point = _minimise(energy, start.requires_grad_(True))
+    except (RuntimeError, ValueError, NotImplementedError, IndexError) as error:
+        return f"the search failed: {describe_error(error)}"
+    if not torch.isfinite(point).all():
+        return "the search reached no finite mode"
+    return point
 
 
 def _search_dtype(energy: Energy, init: Tensor) -> torch.dtype:

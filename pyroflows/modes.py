@@ -38,7 +38,7 @@ from torch.distributions import biject_to
 
 from .diagnostics import ImportanceResample
 from .draws import Draws, draw, evaluate_at
-from .laplace import LAPLACE_LIMIT, find_mode
+from .laplace import LAPLACE_LIMIT, descend, find_mode
 from .psis import PSISResult
 from .sites import enumerated
 
@@ -105,19 +105,24 @@ class ModeSearch:
     def describe(self) -> str:
         if not self.starts:
             return f"no mode search: {self.reasons[0]}"
+        capped = [r for r in self.reasons if r.endswith("the time allowed")]
         return (
             f"{self.starts} searches from over-dispersed starts reached {len(self.found)} "
             f"distinct mode{'s' * (len(self.found) != 1)}"
             + (f" ({self.failed} reached none)" if self.failed else "")
+            + (f" ({capped[0]})" if capped else "")
         )
 
 
-def search_modes(energy, guide_draws: Tensor, starts: int = SEARCH_STARTS, seed=None) -> ModeSearch:
+def search_modes(
+    energy, guide_draws: Tensor, starts: int = SEARCH_STARTS, seed=None, seconds: float = math.inf
+) -> ModeSearch:
     """Local searches for the modes of ``exp(-energy)`` (``energy`` over one unconstrained
     vector, as ``AutoFlowGuide.energy`` returns) from ``starts`` over-dispersed points: half
     are the guide's draws (rows of ``guide_draws``) spread ``OVERDISPERSION`` times about
-    their mean, half uniform on ``(-2, 2)`` in every coordinate (Stan's initialisation).
-    Modes within 2 Laplace sds of one another count once."""
+    their mean, half uniform on ``(-2, 2)`` in every coordinate (Stan's initialisation),
+    taken in turn. No search starts after ``seconds``. Modes within 2 Laplace sds of one
+    another count once."""
     began = time.perf_counter()
     generator = torch.Generator().manual_seed(0 if seed is None else seed)
     draws = guide_draws.detach()
@@ -129,13 +134,35 @@ def search_modes(energy, guide_draws: Tensor, starts: int = SEARCH_STARTS, seed=
     picked = draws[torch.randint(len(draws), (spread,), generator=generator)]
     centre = draws.mean(0)
     uniform = 4 * torch.rand(starts - spread, dim, generator=generator, dtype=draws.dtype) - 2
-    found, reasons = [], []
-    for start in torch.cat([centre + OVERDISPERSION * (picked - centre), uniform]):
-        result = find_mode(energy, start)
+    # Searched in the guide's whitened coordinates (u = centre + L w): a badly conditioned
+    # posterior (diamonds) then takes L-BFGS a few iterations, not its whole budget.
+    whiten = _whitening(draws)
+
+    def whitened(w):
+        return energy(centre.to(w) + whiten.to(w) @ w)
+
+    found, reasons, ran = [], [], 0
+    spread_out = centre + OVERDISPERSION * (picked - centre)
+    in_turn = [x for pair in zip(spread_out, uniform, strict=False) for x in pair]
+    for start in in_turn + list(spread_out[len(uniform) :]) + list(uniform[len(spread_out) :]):
+        if time.perf_counter() - began > seconds:
+            reasons.append(f"{starts - ran} searches not started: the time allowed")
+            break
+        ran += 1
+        w = torch.linalg.solve_triangular(whiten, (start - centre)[:, None], upper=False)[:, 0]
+        descended = descend(whitened, w)
+        if isinstance(descended, str):
+            reasons.append(descended)
+            continue
+        point = centre.to(descended) + whiten.to(descended) @ descended
+        if any(m.distance(point[None])[0] < 2 for m in found):
+            continue  # a basin already found: spare the Newton steps and their Hessians
+        result = find_mode(whitened, descended)
         if isinstance(result, str):
             reasons.append(result)
             continue
-        point, precond = result
+        point = centre.to(result[0]) + whiten.to(result[0]) @ result[0]
+        precond = whiten.to(result[1]) @ result[1]
         with torch.no_grad():
             log_p = -float(energy(point))
         log_mass = log_p + 0.5 * dim * math.log(2 * math.pi) + float(precond.diagonal().log().sum())
@@ -145,7 +172,15 @@ def search_modes(energy, guide_draws: Tensor, starts: int = SEARCH_STARTS, seed=
         )
         if math.isfinite(log_mass) and not any(same):
             found.append(mode)
-    return ModeSearch(found, starts, len(reasons), time.perf_counter() - began, reasons)
+    failed = len(reasons) - (ran < starts)
+    return ModeSearch(found, ran, failed, time.perf_counter() - began, reasons)
+
+
+def _whitening(draws: Tensor) -> Tensor:
+    """The Cholesky factor of the draws' covariance (float64), or the identity if singular."""
+    cov = torch.cov(draws.double().T).reshape(draws.shape[-1], draws.shape[-1])
+    chol, info = torch.linalg.cholesky_ex(cov)
+    return chol if info == 0 and torch.isfinite(chol).all() else torch.eye(len(cov)).double()
 
 
 @torch.no_grad()
@@ -222,10 +257,12 @@ def check_modes(
     num_draws: int,
     search: ModeSearch | None = None,
     vectorised: bool = True,
+    seconds: float = math.inf,
 ) -> ModeCheck:
     """Whether the proposal behind an importance-resampled ``answer`` (``guide``'s draws)
-    misses modes a multi-start search finds (``search``, if given, is reused); if it does,
-    the answer with them added (``mixture_resample``) where that can be computed.
+    misses modes a multi-start search finds (``search``, if given, is reused; a new one
+    starts no search after ``seconds``); if it does, the answer with them added
+    (``mixture_resample``) where that can be computed.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -249,7 +286,7 @@ def check_modes(
     log_evidence = float(torch.logsumexp(log_w, 0)) - math.log(len(log_w))
     if search is None:
         seed = int(torch.randint(2**31, ()))  # from Pyro's seeded state: reproducible
-        search = search_modes(guide.energy(*args, **kwargs), u, seed=seed)
+        search = search_modes(guide.energy(*args, **kwargs), u, seed=seed, seconds=seconds)
     missed = search.missed(u, log_evidence)
     words = search.describe()
     if not missed:

@@ -5,17 +5,17 @@ import pyro
 import pytest
 import torch
 
-from benchmarks.posteriors import ANALYTIC, POSTERIORDB, POSTERIORS
+from benchmarks.posteriors import ADDED, ANALYTIC, POSTERIORDB, POSTERIORS
 from pyroflows import AutoFlowGuide
 from pyroflows.draws import draw
 
 
-@pytest.mark.parametrize("name", list(POSTERIORS))
+@pytest.mark.parametrize("name", [*POSTERIORS, *ADDED])
 def test_port_draws_vectorised_and_names_every_reference_parameter(name, recwarn):
     if not POSTERIORDB.exists() and name not in (*ANALYTIC, "logistic_regression"):
         pytest.skip(f"no posteriordb at {POSTERIORDB}")
     pyro.clear_param_store()
-    posterior = POSTERIORS[name]()
+    posterior = {**POSTERIORS, **ADDED}[name]()
     guide = AutoFlowGuide(posterior.model)
     guide(*posterior.args)
     draws = draw(posterior.model, guide, posterior.args, {}, 50)
@@ -31,6 +31,26 @@ def test_energy_references_integrate_to_their_grid_moments():
     # U1 is symmetric in both coordinates: zero means, and a finite normaliser
     assert abs(u1.reference["z[1]"]["mean"]) < 1e-6 and abs(u1.reference["z[2]"]["mean"]) < 1e-6
     assert u1.log_z is not None and torch.isfinite(torch.tensor(u1.log_z))
+
+
+def test_added_references_match_exact_draws():
+    """The analytic references of the added posteriors, against draws made directly."""
+    from benchmarks.posteriors import TWO_MODES, score
+
+    g = torch.Generator().manual_seed(0)
+    heavy = ADDED["heavy_tails_d3"]()
+    x = torch.distributions.StudentT(1.5).sample((200_000, 3)).double()
+    assert score(heavy, {"x": x})["max_dmean"] < 0.02
+    two = ADDED["two_modes_d4"]()
+    left = two.reference["left"]["mean"]
+    var = [1 / (1 / s**2 + 1 / TWO_MODES["prior_sd"] ** 2) for s in TWO_MODES["sd"]]
+    loc = [v * m / s**2 for v, m, s in zip(var, TWO_MODES["at"], TWO_MODES["sd"], strict=True)]
+    right = torch.rand(200_000, generator=g, dtype=torch.float64) > left
+    mean = torch.where(right, loc[1], loc[0])[:, None]
+    sd = torch.where(right, var[1] ** 0.5, var[0] ** 0.5)[:, None]
+    x = mean + sd * torch.randn(200_000, 4, generator=g, dtype=torch.float64)
+    scored = score(two, {"x": x})
+    assert scored["max_dmean"] < 0.02 and scored["max_dlogsd"] < 0.02, scored
 
 
 def test_a_library_option_runs_and_is_scored_on_the_resampled_draws():
