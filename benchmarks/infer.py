@@ -123,6 +123,33 @@ def render() -> None:
             )
     TABLE.write_text("\n".join(lines) + "\n")
     print(TABLE.read_text())
+    plot(latest)
+
+
+def plot(latest: dict) -> None:
+    """Error against wall time, one point per run and method: results/infer.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    methods = sorted({method for (_, method, _) in latest})
+    for method, marker in zip(methods, "os^Dv", strict=False):
+        rows = [r for (_, m, _), r in latest.items() if m == method and "error" not in r]
+        for ax, key in zip(axes, ("max_dmean", "max_dlogsd"), strict=True):
+            ax.scatter(
+                [r["seconds"] for r in rows], [max(r[key], 1e-3) for r in rows],
+                marker=marker, label=method, alpha=0.7,
+            )  # fmt: skip
+    for ax, title in zip(axes, ("max |Δmean| / sd", "max |log sd ratio|"), strict=True):
+        ax.set(xscale="log", yscale="log", xlabel="wall time of the call (s)", title=title)
+        ax.axhline(0.1, color="grey", lw=0.8, ls="--")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("infer against Pyro's NUTS: error against wall time, one point per run")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "infer.png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:

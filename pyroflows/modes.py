@@ -120,9 +120,9 @@ def search_modes(
     """Local searches for the modes of ``exp(-energy)`` (``energy`` over one unconstrained
     vector, as ``AutoFlowGuide.energy`` returns) from ``starts`` over-dispersed points: half
     are the guide's draws (rows of ``guide_draws``) spread ``OVERDISPERSION`` times about
-    their mean, half uniform on ``(-2, 2)`` in every coordinate (Stan's initialisation),
-    taken in turn. No search starts after ``seconds``. Modes within 2 Laplace sds of one
-    another count once."""
+    their mean, half uniform on ``(-2, 2)`` in every coordinate (Stan's initialisation) in
+    antithetic pairs, taken in turn. No search starts after ``seconds``. Modes within 2
+    Laplace sds of one another count once."""
     began = time.perf_counter()
     generator = torch.Generator().manual_seed(0 if seed is None else seed)
     draws = guide_draws.detach()
@@ -133,7 +133,10 @@ def search_modes(
     spread = starts // 2
     picked = draws[torch.randint(len(draws), (spread,), generator=generator)]
     centre = draws.mean(0)
-    uniform = 4 * torch.rand(starts - spread, dim, generator=generator, dtype=draws.dtype) - 2
+    # in antithetic pairs (v, -v): sign symmetries, the commonest source of separate modes
+    # (label switching, a factor's sign), then cannot leave a half-space unsearched
+    half = 4 * torch.rand((starts - spread + 1) // 2, dim, generator=generator) - 2
+    uniform = torch.stack([half, -half], 1).reshape(-1, dim)[: starts - spread].to(draws)
     # Searched in the guide's whitened coordinates (u = centre + L w): a badly conditioned
     # posterior (diamonds) then takes L-BFGS a few iterations, not its whole budget.
     whiten = _whitening(draws)
