@@ -2,6 +2,7 @@
 
     python -m benchmarks.infer                           # every posterior, seeds 0 1 2
     python -m benchmarks.infer --posteriors funnel_d10 --seeds 0 --nuts
+    python -m benchmarks.infer --numpyro --no-infer      # NumPyro's NUTS (the bench extra)
     python -m benchmarks.infer --report                  # re-render results/infer.md
 
 Each run is a fresh process with ``--threads`` torch threads (default 2): the timed call is
@@ -82,10 +83,34 @@ def run_nuts(job: dict) -> dict:
     return row
 
 
+def run_numpyro(job: dict) -> dict:
+    """NumPyro's NUTS on the copy in ``numpyro_ports`` (one chain, 500 warm-up, 1000 draws;
+    JIT compilation included in the time)."""
+    import jax
+    import numpy as np
+    from numpyro.infer import MCMC, NUTS
+
+    from .numpyro_ports import port
+
+    posterior = {**POSTERIORS, **ADDED}[job["posterior"]]()
+    model, args = port(job["posterior"], posterior)
+    start = time.perf_counter()
+    mcmc = MCMC(NUTS(model), num_warmup=500, num_samples=1000, progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(job["seed"]), *args, extra_fields=("diverging",))
+    samples = {k: torch.from_numpy(np.asarray(v)) for k, v in mcmc.get_samples().items()}
+    seconds = time.perf_counter() - start
+    row = {"seconds": seconds, "divergences": int(mcmc.get_extra_fields()["diverging"].sum())}
+    row.update(score(posterior, samples))
+    return row
+
+
 def run_one(job: dict) -> dict:
     row = {k: job[k] for k in ("posterior", "method", "seed", "threads")}
+    runner = run_infer
+    if job["method"].startswith("nuts"):
+        runner = run_numpyro if "NumPyro" in job["method"] else run_nuts
     try:
-        row.update((run_nuts if job["method"].startswith("nuts") else run_infer)(job))
+        row.update(runner(job))
     except Exception as error:  # a failed run is a result too
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         row["trace"] = traceback.format_exc(limit=4)[-800:]
@@ -121,6 +146,7 @@ def render() -> None:
                 f"| {name} | {method} | {len(ok)} | {each('seconds')} | {each('max_dmean')} "
                 f"| {each('max_dlogsd')} | {med:.3f} | {label} |"
             )
+    lines += ["", "![error against wall time, infer and NUTS](results/infer.png)"]
     TABLE.write_text("\n".join(lines) + "\n")
     print(TABLE.read_text())
     plot(latest)
@@ -159,6 +185,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-samples", type=int, default=NUM_SAMPLES)
     parser.add_argument("--nuts", action="store_true", help="also Pyro's NUTS (seed 0)")
+    parser.add_argument("--numpyro", action="store_true", help="also NumPyro's NUTS (seed 0)")
     parser.add_argument("--no-infer", action="store_true")
     parser.add_argument("--method", default="infer", help="row label for these infer runs")
     parser.add_argument("--options", default="{}", help="JSON keywords for infer")
@@ -172,6 +199,8 @@ def main(argv=None) -> None:
             common = {"posterior": name, "threads": args.threads}
             if args.nuts:
                 jobs.append({**common, "method": "nuts (Pyro)", "seed": 0})
+            if args.numpyro:
+                jobs.append({**common, "method": "nuts (NumPyro)", "seed": 0})
             if not args.no_infer:
                 options = json.loads(args.options)
                 jobs += [

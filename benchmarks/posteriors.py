@@ -36,6 +36,7 @@ class Posterior:
     reference: dict = field(default_factory=dict)  # param -> {"mean", "sd"}
     reference_draws: dict | None = None  # param -> tensor of reference draws
     log_z: float | None = None  # exact log evidence where known (KL = -ELBO + log Z)
+    extra: dict = field(default_factory=dict)  # constants a port needs (numpyro_ports.py)
 
 
 def _load(folder: str):
@@ -138,7 +139,9 @@ def kilpisjarvi() -> Posterior:
     def to_params(d):
         return {k: d[k].reshape(-1) for k in ("alpha", "beta", "sigma")}
 
-    return Posterior("kilpisjarvi", model, (x, y), to_params, summary, draws)
+    return Posterior(
+        "kilpisjarvi", model, (x, y), to_params, summary, draws, extra={"prior": prior}
+    )
 
 
 def sblrc_blr() -> Posterior:

@@ -130,3 +130,15 @@ def test_the_exact_hierarchical_reference_has_the_limits_it_must():
     assert torch.allclose(sd, torch.full_like(sd, 0.01), rtol=0.05)
     assert abs(ref["mu"][0] - float(y.mean())) < 0.02
     assert abs(ref["mu"][1] / (ref["tau"][0] / 50**0.5) - 1) < 0.1
+
+
+@pytest.mark.slow  # JAX dispatches op by op outside jit: ~2 s a model
+@pytest.mark.parametrize("name", [n for n in [*POSTERIORS, *ADDED] if n != "garch11"])
+def test_numpyro_copies_have_the_pyro_models_log_density(name):
+    pytest.importorskip("numpyro")  # the bench extra
+    if not POSTERIORDB.exists() and name not in (*ANALYTIC, "logistic_regression"):
+        pytest.skip(f"no posteriordb at {POSTERIORDB}")
+    from benchmarks.numpyro_ports import same_log_density
+
+    posterior = {**POSTERIORS, **ADDED}[name]()
+    assert same_log_density(name, posterior) < 1e-5
