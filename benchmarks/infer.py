@@ -172,7 +172,9 @@ def plot(latest: dict) -> None:
         ax.set(xscale="log", yscale="log", xlabel="wall time of the call (s)", title=title)
         ax.axhline(0.1, color="grey", lw=0.8, ls="--")
     axes[0].legend(fontsize=8)
-    fig.suptitle("infer against NUTS (Pyro's, NumPyro's): error against wall time, one point per run")
+    fig.suptitle(
+        "infer against NUTS (Pyro's, NumPyro's): error against wall time, one point per run"
+    )
     fig.tight_layout()
     fig.savefig(RESULTS / "infer.png", dpi=110)
     plt.close(fig)
