@@ -85,6 +85,8 @@ def test_infer_does_not_accept_an_answer_that_misses_a_mode():
     assert posterior.route.label.startswith("PSIS-resampled mixture of the guide (laplace)")
     left = float((posterior.samples["x"] < 0).double().mean())
     assert abs(left - exact_left_mass()) < 0.05, left
+    idata = posterior.to_inference_data()  # the mixture's draws, as any resampled answer's
+    assert idata.posterior["x"].shape[-1] == 2000
 
 
 def test_one_mode_is_not_reported_missed():
