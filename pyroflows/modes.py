@@ -6,7 +6,8 @@ the two-mode ring U1) and draws that miss half the posterior. No diagnostic comp
 those draws can see it; a search can. ``search_modes`` runs local searches (L-BFGS then
 Newton, as the Laplace start does) from over-dispersed starts and keeps the distinct modes
 reached, each with its Laplace mass. ``ModeSearch.missed`` names those that hold a
-non-negligible mass and that no draw of the guide comes near; ``mixture_resample`` then
+non-negligible mass yet get far fewer of the guide's draws than that mass asks for;
+``mixture_resample`` then
 draws from the guide mixed with a Gaussian at each of them and resamples by PSIS, whose
 weights give each mode its share and whose k-hat judges the mixture.
 
@@ -183,7 +184,9 @@ def _whitening(draws: Tensor) -> Tensor:
     """The Cholesky factor of the draws' covariance (float64), or the identity if singular."""
     cov = torch.cov(draws.double().T).reshape(draws.shape[-1], draws.shape[-1])
     chol, info = torch.linalg.cholesky_ex(cov)
-    return chol if info == 0 and torch.isfinite(chol).all() else torch.eye(len(cov)).double()
+    if info == 0 and torch.isfinite(chol).all():
+        return chol
+    return torch.eye(len(cov), dtype=torch.float64, device=draws.device)
 
 
 @torch.no_grad()
@@ -207,14 +210,14 @@ def mixture_resample(
     log_share = (counts.double() / counts.sum()).log().to(like)
     pieces = [posterior.sample((int(counts[0]),))]
     for mode, count in zip(modes, counts[1:], strict=True):
-        eps = torch.randn(int(count), len(mode.point), dtype=mode.point.dtype)
+        eps = torch.randn(int(count), len(mode.point)).to(mode.point)
         pieces.append((mode.point + eps @ mode.precond.T).to(like))
     u = torch.cat(pieces)
     densities = [posterior.log_prob(u)] + [m.log_prob(u).to(like) for m in modes]
     log_q = torch.logsumexp(torch.stack(densities) + log_share[:, None], 0)
 
     values = guide.latent_to_sites(u)
-    log_det = torch.zeros(len(u), dtype=like.dtype)
+    log_det = like.new_zeros(len(u))
     for name, value in values.items():
         transform = biject_to(guide.prototype_trace.nodes[name]["fn"].support)
         piece = transform.inv(value)
