@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pyroflows import AutoFlowGuide, FitError, Flow, fit, importance_resample, init_to_median
+from pyroflows.step import NormBound
 
 QUIET = {"progress": False, "diagnose": False}
 
@@ -498,3 +499,38 @@ def test_a_support_check_the_model_refuses_is_reported_not_skipped_silently():
 
     with pytest.warns(UserWarning, match="could not check.*picky model"):
         AutoFlowGuide(picky, init="prior").setup()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adam_moves_no_element_further_than_the_bound_the_update_guard_relies_on(fused):
+    # NormBound skips the undo copy on the promise |step| <= ADAM_STEP * lr per element;
+    # gradients that swing over 16 orders of magnitude, vanish and flip sign try to break it.
+    torch.manual_seed(0)
+    x = torch.zeros(2000, requires_grad=True)
+    adam = torch.optim.Adam([x], lr=1.0, fused=fused, foreach=None if fused else True)
+    largest = 0.0
+    for step in range(400):
+        scale = 10.0 ** torch.empty(2000).uniform_(-8, 8)
+        keep = torch.rand(2000) < (0.02 if step % 50 else 1.0)  # mostly-zero stretches
+        x.grad = torch.randn(2000) * scale * keep
+        before = x.detach().clone()
+        adam.step()
+        largest = max(largest, float((x.detach() - before).abs().max()))
+    assert 1.0 <= largest <= NormBound.ADAM_STEP
+
+
+def test_the_norm_bound_stays_above_the_parameters_and_refuses_a_huge_rate():
+    torch.manual_seed(1)
+    params = [torch.randn(300, requires_grad=True), torch.randn(5, 7, requires_grad=True)]
+    adam = torch.optim.Adam(params, lr=0.5)
+    bound = NormBound()
+    for _ in range(100):
+        for p in params:
+            p.grad = 100 * torch.randn_like(p)
+        assert bound.allows(params, 0.5)
+        adam.step()
+        assert max(float(p.detach().norm()) for p in params) <= bound.norm
+    huge = 1e30 if torch.get_default_dtype() == torch.float32 else 1e200
+    assert not bound.allows(params, huge)
+    bound.forget()
+    assert bound.allows(params, 0.5)  # norms read afresh after a checked step

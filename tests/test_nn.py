@@ -61,3 +61,24 @@ def test_one_parameter_tensor_per_conditioner():
     net = MaskedMLP(torch.arange(1, 5), torch.arange(1, 5), 3, hidden_dims=[8, 8])
     (weights,) = net.parameters()
     assert weights.numel() == (3 * 8 + 8) + (8 * 8 + 8) + (8 * 12 + 12)
+
+
+def test_a_large_conditioner_keeps_one_weight_and_bias_per_layer(monkeypatch):
+    # Above FLAT_LIMIT elements the flat parameter's gradient (one concatenation) costs more
+    # than per-tensor optimizer overhead saves; the network computed must be the same.
+    ranks = torch.tensor([3, 1, 4, 2, 5])
+    flat = perturbed(MaskedMLP(ranks, ranks, 2, hidden_dims=[20, 20], activation="tanh"))
+    monkeypatch.setattr("pyroflows.transforms.nn.FLAT_LIMIT", 0)
+    layered = MaskedMLP(ranks, ranks, 2, hidden_dims=[20, 20], activation="tanh")
+    assert [n for n, _ in layered.named_parameters()] == [
+        f"{kind}_{k}" for k in range(3) for kind in ("weight", "bias")
+    ]
+    with torch.no_grad():
+        pieces = list(layered.parameters())
+        values = flat.weights.split([piece.numel() for piece in pieces])
+        for piece, value in zip(pieces, values, strict=True):
+            piece.copy_(value.view_as(piece))
+    x = torch.randn(7, 5)
+    torch.testing.assert_close(layered(x), flat(x))
+    perturbed(layered)
+    assert not (dependency(layered, 5) & ~(ranks[None, :] < ranks[:, None])).any()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 __all__ = ["DEFAULT_HIDDEN_DIMS", "MaskedMLP", "contiguous_slice"]
 
 DEFAULT_HIDDEN_DIMS = (64, 64)  # conditioner widths of every family unless told otherwise
+FLAT_LIMIT = 2**18  # a conditioner's weights in one tensor up to this size (MaskedMLP)
 
 _ACTIVATIONS = {
     "relu": nn.functional.relu,
@@ -62,6 +63,8 @@ class MaskedMLP(nn.Module):
         >>> net.used_inputs.tolist()     # a coupling conditioner reads only the first half
         [0, 1]
     """
+
+    flat = True  # one parameter tensor (guides pickled before per-layer storage have it)
 
     def __init__(
         self,
@@ -114,9 +117,12 @@ class MaskedMLP(nn.Module):
         out = out_ranks.repeat(params_per_output)  # parameter-major: (P, N) after reshaping
         masks.append(prev[None, :] < out[:, None])
 
-        # All weights and biases live in one flat parameter, read through views: Pyro's optimizers
-        # step every parameter tensor separately (~60 us each), so one tensor per conditioner
-        # instead of two per layer saves more per SVI step than the whole spline costs.
+        # Up to FLAT_LIMIT elements, all weights and biases live in one flat parameter, read
+        # through views: Pyro's optimizers step every parameter tensor separately (~60 us
+        # each), so one tensor per conditioner instead of two per layer saves more per SVI
+        # step than the whole spline costs. Above it, the flat parameter's gradient (one
+        # concatenation of every layer's) costs more than that (at d = 1002, 0.65 ms of a 9 ms
+        # step, benchmarks/RESULTS.md): each layer keeps its own weight and bias.
         self._activation = _ACTIVATIONS[activation]
         self._layers = []  # (out features, in features, mask buffer or None)
         chunks = []
@@ -137,7 +143,14 @@ class MaskedMLP(nn.Module):
             self._layers.append((n_out, n_in, name))
             chunks += [weight.flatten(), bias]
         self._sizes = [len(c) for c in chunks]
-        self.weights = nn.Parameter(torch.cat(chunks))
+        self.flat = sum(self._sizes) <= FLAT_LIMIT
+        if self.flat:
+            self.weights = nn.Parameter(torch.cat(chunks))
+        else:
+            for k in range(len(masks)):
+                weight = chunks[2 * k].view(self._layers[k][:2])
+                self.register_parameter(f"weight_{k}", nn.Parameter(weight))
+                self.register_parameter(f"bias_{k}", nn.Parameter(chunks[2 * k + 1]))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if self.used_slice is not None:
@@ -151,7 +164,7 @@ class MaskedMLP(nn.Module):
             x = torch.cat([x.expand(*shape, -1), context.expand(*shape, -1)], dim=-1)
         # One split, not a slice per tensor: its backward is a single concatenation, where
         # each slice's backward would fill a zero gradient the size of the whole parameter.
-        pieces = self.weights.split(self._sizes)
+        pieces = self.weights.split(self._sizes) if self.flat else self._pieces()
         last = len(self._layers) - 1
         for k, (n_out, n_in, mask) in enumerate(self._layers):
             weight = pieces[2 * k].view(n_out, n_in)
@@ -165,6 +178,10 @@ class MaskedMLP(nn.Module):
             if k < last:
                 x = self._activation(x)
         return x.unflatten(-1, (self.params_per_output, self.num_outputs))
+
+    def _pieces(self) -> list[Tensor]:
+        return [getattr(self, f"{kind}_{k}") for k in range(len(self._layers))
+                for kind in ("weight", "bias")]
 
     def extra_repr(self) -> str:
         sizes = [n_in for _, n_in, _ in self._layers] + [self._layers[-1][0]]
