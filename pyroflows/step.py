@@ -141,7 +141,8 @@ class GuardedStep:
                 self.sparse_optim = _add(self.sparse_optim, sparse, RowAdam)
         with_grad = [p for p in params if p.grad is not None and not p.grad.is_sparse]
         if self.clip is not None and with_grad:
-            torch.nn.utils.clip_grad_value_(with_grad, self.clip, foreach=True)
+            for p in with_grad:  # one pass each; foreach's clamp_min_ then clamp_max_ is two
+                p.grad.clamp_(-self.clip, self.clip)
         for optim in (self.torch_optim, self.sparse_optim):
             if optim is None:
                 continue
