@@ -40,6 +40,7 @@ from torch.distributions import transform_to
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .adapters import param_constraint
+from .graph_calls import call_through_bindings
 from .scoring import FlowPosterior, StoppedScore
 from .sites import enumerated, structure_signature
 
@@ -347,7 +348,9 @@ def _trace(objective, model, guide, args, kwargs, params, example_draws):
         return (loss, *grads)
 
     inputs = [t.detach().clone().requires_grad_() for t in tensors]
-    return make_fx(step)(example_draws, *inputs)
+    graph = make_fx(step)(example_draws, *inputs)
+    call_through_bindings(graph)
+    return graph
 
 
 def _disagreement(step: CompiledStep, draws: Tensor) -> str:

@@ -309,3 +309,24 @@ def test_new_arguments_are_traced_anew():
     assert first.path == second.path == "compiled"
     exact = 15.0 / (1 / 4 + 5)  # the posterior mean for the second data
     assert abs(float(guide.median()["mu"]) - exact) < 0.2
+
+
+def test_calls_through_fast_bindings_compute_exactly_what_the_aten_calls_did():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pyroflows.graph_calls import call_through_bindings
+
+    def f(x, w):
+        h = torch.addmm(x[0], x, w).t().mm(w) ** 2 - w.sum() / (1.0 + x.exp())
+        scaled = torch.ops.aten.add.Scalar(h, 1.0, 3)  # alpha given positionally: kept as is
+        return (scaled.abs().sqrt().log() * -x).expand(2, 4, 4).select(0, 1).sum([0]).view(2, 2)
+
+    x, w = torch.randn(4, 4), torch.randn(4, 4)
+    traced = make_fx(f)(x, w)
+    fast = make_fx(f)(x, w)
+    assert call_through_bindings(fast) >= 10
+    assert any(n.target is torch.ops.aten.add.Scalar for n in fast.graph.nodes)
+    for _ in range(3):
+        x, w = torch.randn(4, 4), torch.randn(4, 4)
+        assert torch.equal(fast(x, w), traced(x, w))
+        torch.testing.assert_close(fast(x, w), f(x, w))

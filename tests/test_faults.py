@@ -534,3 +534,31 @@ def test_the_norm_bound_stays_above_the_parameters_and_refuses_a_huge_rate():
     assert not bound.allows(params, huge)
     bound.forget()
     assert bound.allows(params, 0.5)  # norms read afresh after a checked step
+
+
+def test_the_default_update_clips_each_gradient_element_before_adam():
+    from pyroflows.step import GuardedStep
+
+    p = torch.zeros(3, requires_grad=True)
+    grads = [torch.tensor([100.0, -100.0, 0.1]), torch.tensor([1e-3, 2e-3, -1e-3])]
+
+    class GivenGradients:  # stands in for a compiled step: sets the gradients it is given
+        def loss_and_grads(self):
+            p.grad = grads.pop(0).clone()
+            return torch.tensor(1.0), {p: "p"}
+
+    update = GuardedStep(None, 0.1, clip=0.5)
+    given = GivenGradients()
+    expected = torch.zeros(3, requires_grad=True)
+    adam = torch.optim.Adam([expected], lr=0.1)
+    for step, g in enumerate(list(grads), start=1):
+        update.step(None, None, None, (), {}, 0.1, step, compiled=given)
+        expected.grad = g.clamp(-0.5, 0.5)
+        adam.step()
+        torch.testing.assert_close(p.detach(), expected.detach())
+    unclipped = torch.zeros(3, requires_grad=True)  # and clipping changes the answer here
+    adam = torch.optim.Adam([unclipped], lr=0.1)
+    for g in [torch.tensor([100.0, -100.0, 0.1]), torch.tensor([1e-3, 2e-3, -1e-3])]:
+        unclipped.grad = g
+        adam.step()
+    assert not torch.allclose(unclipped.detach(), expected.detach())
