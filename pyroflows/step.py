@@ -216,7 +216,8 @@ class NormBound:
 
     def __init__(self):
         self.norm = None  # an upper bound on every parameter's norm, or None (unknown)
-        self.params = set()
+        self.params = set()  # the ids it was computed for, with their size and dtype limit
+        self.largest = self.limit = 0.0
 
     def forget(self):
         self.norm = None
@@ -228,15 +229,16 @@ class NormBound:
         if any(p.grad.is_sparse for p in tensors) or not tensors:
             return False
         ids = {id(p) for p in tensors}
-        if self.norm is None or ids != self.params:
+        if ids != self.params:
+            self.params, self.norm = ids, None
+            self.largest = max(p.numel() for p in tensors) ** 0.5  # sqrt: norm of a step
+            self.limit = min(torch.finfo(p.dtype).max for p in tensors) ** 0.5 / 4
+        if self.norm is None:
             with torch.no_grad():
                 norms = torch._foreach_norm(tensors)
                 self.norm = float(torch.stack([n.to(norms[0].device) for n in norms]).max())
-            self.params = ids
-        largest = max(p.numel() for p in tensors)
-        self.norm += self.ADAM_STEP * lr * largest**0.5
-        limit = min(torch.finfo(p.dtype).max for p in tensors) ** 0.5 / 4
-        return math.isfinite(self.norm) and self.norm < limit
+        self.norm += self.ADAM_STEP * lr * self.largest
+        return math.isfinite(self.norm) and self.norm < self.limit
 
 
 def _add(optim, params, kind, **options):
