@@ -124,6 +124,17 @@ class NeutraChain:
         )
 
 
+def _start_at_a_draw(site):
+    """``init_to_sample``, except for a site whose prior cannot be sampled (a flat
+    ``ImproperUniform``): the reparametrisation replaces the model's own sites' values by the
+    flow's, so there a feasible point serves, and the draws of every other site are unchanged."""
+    try:
+        return init_to_sample(site)
+    except NotImplementedError:
+        fn = site["fn"]  # Pyro's init_to_feasible samples too, for the shape
+        return torch.distributions.transform_to(fn.support)(torch.zeros(fn.shape()))
+
+
 def neutra_chain(
     model,
     guide,
@@ -168,7 +179,7 @@ def neutra_chain(
             reparam_model,
             jit_compile=jit,
             ignore_jit_warnings=True,
-            init_strategy=init_to_sample,
+            init_strategy=_start_at_a_draw,
             target_accept_prob=target_accept_prob,
         )
         with warnings.catch_warnings():

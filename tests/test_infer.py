@@ -220,3 +220,22 @@ def test_a_flat_prior_model_gets_an_answer():
     mean, sd = float(y.mean()), 1 / math.sqrt(len(y))
     draws = posterior.samples["mu"]  # 1000 resampled: their own noise bounds the precision
     assert within_mcse(draws, mean, sd, min(posterior.diagnostics["ess"], len(draws)))
+
+
+def test_neutra_runs_on_a_flat_prior_model():
+    # Regression: the chain's init_to_sample also ran on the model's own sites (whose values
+    # the reparametrisation replaces), and an ImproperUniform prior cannot be sampled; infer
+    # crashed on garch11 once its route reached NeuTra.
+    from pyroflows.neutra import neutra_chain
+
+    def flat(y):
+        mu = pyro.sample("mu", dist.ImproperUniform(dist.constraints.real, (), ()))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    y = torch.tensor([0.9, 1.4, 0.4, 1.3])
+    pyro.set_rng_seed(0)
+    guide = AutoFlowGuide(flat).setup(y)  # the Laplace start: exact for this posterior
+    chain = neutra_chain(flat, guide, (y,), num_samples=300, warmup_steps=100)
+    mean, sd = float(y.mean()), 1 / math.sqrt(len(y))
+    assert within_mcse(chain.samples["mu"], mean, sd, chain.ess)
