@@ -206,14 +206,15 @@ def test_a_neutra_chain_short_of_its_ess_runs_on_until_it_has_it():
     assert longer.samples["x"].shape == (longer.num_draws,)
 
 
+def flat(y):
+    mu = pyro.sample("mu", dist.ImproperUniform(dist.constraints.real, (), ()))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
 def test_a_flat_prior_model_gets_an_answer():
     # Regression: infer ran the model once without a guide (to find subsampled plates),
     # which samples every prior; an ImproperUniform (flat) prior cannot be sampled.
-    def flat(y):
-        mu = pyro.sample("mu", dist.ImproperUniform(dist.constraints.real, (), ()))
-        with pyro.plate("data", len(y)):
-            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
-
     y = torch.tensor([0.9, 1.4, 0.4, 1.3])
     posterior = infer(flat, y, seed=0, progress=False, stages=("laplace",))
     assert posterior.route.stages[0].accepted
@@ -227,11 +228,6 @@ def test_neutra_runs_on_a_flat_prior_model():
     # the reparametrisation replaces), and an ImproperUniform prior cannot be sampled; infer
     # crashed on garch11 once its route reached NeuTra.
     from pyroflows.neutra import neutra_chain
-
-    def flat(y):
-        mu = pyro.sample("mu", dist.ImproperUniform(dist.constraints.real, (), ()))
-        with pyro.plate("data", len(y)):
-            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
     y = torch.tensor([0.9, 1.4, 0.4, 1.3])
     pyro.set_rng_seed(0)
