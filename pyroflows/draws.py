@@ -161,15 +161,13 @@ def runs_vectorised(model, guide, args=(), kwargs=None, num: int = 8) -> bool:
     return True
 
 
-@torch.no_grad()
-def evaluate_at(
-    model, args, kwargs, draws: Draws, values: dict[str, Tensor], predictive: bool = False
-) -> dict:
+def evaluate_at(model, args, kwargs, draws: Draws, values: dict, predictive=False, grad=False):
     """The model at given latent values (``(S, *shape)`` per latent site), vectorised.
 
     Returns ``{"values", "log_likelihood", "log_joint", "predictive"}`` as ``draw`` computes
     them (``values`` holds the deterministic sites; ``predictive`` the observed sites drawn
-    afresh at each row, if asked for).
+    afresh at each row, if asked for). With ``grad``, the results carry gradients back to
+    ``values`` (an energy for HMC); without, none are recorded.
     """
     num = next(iter(values.values())).shape[0]
     mpn = draws.max_plate_nesting
@@ -178,11 +176,13 @@ def evaluate_at(
         info = draws.sites[name]
         data[name] = value.reshape((num,) + (1,) * (mpn - len(info.batch_shape)) + info.shape)
     vectorized = pyro.plate(_PLATE, num, dim=-(mpn + 1))(poutine.condition(model, data=data))
-    trace = prune_subsample_sites(poutine.trace(vectorized).get_trace(*args, **kwargs))
-    out = _collect(trace, poutine.Trace(), draws.sites, num, mpn, proposal=False)
+    with torch.set_grad_enabled(grad):
+        trace = prune_subsample_sites(poutine.trace(vectorized).get_trace(*args, **kwargs))
+        out = _collect(trace, poutine.Trace(), draws.sites, num, mpn, proposal=False)
     out["values"] = {n: v for n, v in out["values"].items() if draws.sites[n].kind != "latent"}
     if predictive:
-        out["predictive"] = _predict(vectorized, args, kwargs, draws.sites, num, mpn)
+        with torch.no_grad():
+            out["predictive"] = _predict(vectorized, args, kwargs, draws.sites, num, mpn)
     return out
 
 

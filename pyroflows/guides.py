@@ -56,8 +56,8 @@ from .sites import (
     check_plate_sizes,
     enumerated,
     init_to_median,
-    split_latent,
     unconstrained_energy,
+    unpack_with_log_det,
 )
 from .state import check_entries, check_same_architecture, read_saved_state
 from .subsampling import check_subsampling, guide_plates
@@ -294,9 +294,6 @@ class AutoFlowGuide(AutoContinuous):
         shapes = self._unconstrained_shapes
         return unconstrained_energy(self.model, self.prototype_trace, shapes, args, kwargs)
 
-    def _split_latent(self, latent: Tensor):
-        return split_latent(self.prototype_trace, self._unconstrained_shapes, latent)
-
     def _create_parameters(self, init_loc: Tensor, laplace=None) -> None:
         dim = len(init_loc)
         # The guide works relative to a fixed affine "preconditioner" z = center + P w: the
@@ -482,14 +479,17 @@ class AutoFlowGuide(AutoContinuous):
                 local = self.locals.draw_all(latent, self._standardised(latent))
         return {**self.latent_to_sites(latent), **local}
 
-    def latent_to_sites(self, latent: Tensor) -> dict[str, Tensor]:
-        """Map unconstrained latent vectors ``(N, D)`` to constrained site values ``(N, *shape)``.
+    def latent_to_sites(self, latent: Tensor, log_det: bool = False):
+        """Map unconstrained latent vectors ``(N, D)`` to constrained site values ``(N, *shape)``
+        (with ``log_det``: ``(values, log|dz/du|)``, the latter ``(N,)``).
 
         Unlike ``_unpack_latent`` (which places batch dims left of the model's plate dims
         for vectorised inference), each site gets a plain leading dimension ``N``.
         """
         self._require_setup()
-        return {name: transform(piece) for name, transform, piece in self._split_latent(latent)}
+        shapes = self._unconstrained_shapes
+        values, jacobian = unpack_with_log_det(self.prototype_trace, shapes, latent)
+        return (values, jacobian) if log_det else values
 
     def quantiles(self, quantiles, *args, num_samples: int = 4000, **kwargs):
         """Elementwise posterior quantiles of each site, estimated from ``num_samples`` draws.

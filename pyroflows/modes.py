@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.distributions import biject_to
 
 from .diagnostics import ImportanceResample
 from .draws import Draws, draw, evaluate_at
@@ -216,12 +215,7 @@ def mixture_resample(
     densities = [posterior.log_prob(u)] + [m.log_prob(u).to(like) for m in modes]
     log_q = torch.logsumexp(torch.stack(densities) + log_share[:, None], 0)
 
-    values = guide.latent_to_sites(u)
-    log_det = like.new_zeros(len(u))
-    for name, value in values.items():
-        transform = biject_to(guide.prototype_trace.nodes[name]["fn"].support)
-        piece = transform.inv(value)
-        log_det = log_det + transform.log_abs_det_jacobian(piece, value).reshape(len(u), -1).sum(-1)
+    values, log_det = guide.latent_to_sites(u, log_det=True)
     probe = draw(model, guide, args, kwargs, 1)
     at = evaluate_at(model, args, kwargs, probe, values)
     log_joint = at["log_joint"].to(like)

@@ -18,8 +18,24 @@ from pyro.infer.reparam import NeuTraReparam
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
 from .adapters import end_warmup
+from .draws import draw, evaluate_at
+from .hmc import batched_hmc
+from .traced import traced_gradient
 
-__all__ = ["NeutraChain", "neutra", "neutra_chain"]
+__all__ = [
+    "CHAINS",
+    "HMC_TARGET_ACCEPT",
+    "NeutraChain",
+    "flow_energy",
+    "neutra",
+    "neutra_chain",
+    "neutra_chains",
+]
+
+CHAINS = 16  # of neutra_chains: batched, they cost about one chain's time each step
+# Measured on centred eight schools' fitted flow (16 chains): target 0.9 gave 152 divergences
+# and ESS 353 in 10,000 draws, 0.95 gave 35 and ESS 673 for 1.3x the time, 0.99 13 for 5x.
+HMC_TARGET_ACCEPT = 0.95
 
 
 def neutra(
@@ -93,7 +109,10 @@ class NeutraChain:
     Attributes:
         samples: ``{site: (num_draws, *shape)}``.
         num_draws, warmup_steps: draws kept, and warm-up iterations run.
-        divergences: indices of divergent transitions among the kept draws.
+        divergences: indices of divergent transitions among the kept draws (chain after
+            chain, as ``samples`` holds them).
+        num_chains: chains run (``samples`` holds them one after the other, equally long).
+        untraced: why the chains' steps were not traced (``pyroflows.traced``), or ``""``.
         r_hat: the largest split R-hat over the flow's base coordinates.
         ess: the smallest bulk effective sample size over them.
         seconds: wall time of the chain (tracing and compilation included).
@@ -108,6 +127,8 @@ class NeutraChain:
     ess: float
     seconds: float
     stopped: str = ""
+    num_chains: int = 1
+    untraced: str = ""
 
     def passes(self, r_hat_limit: float = 1.01, min_ess: float = 400) -> bool:
         """Whether the chain can be trusted: split R-hat below ``r_hat_limit``, bulk ESS at
@@ -117,10 +138,14 @@ class NeutraChain:
 
     def describe(self) -> str:
         """One line: draws, warm-up, R-hat, ESS, divergences, and why it stopped early."""
+        draws = f"{self.num_draws} draws"
+        if self.num_chains > 1:
+            draws = f"{self.num_chains} chains x {self.num_draws // self.num_chains} draws"
         return (
-            f"{self.num_draws} draws after {self.warmup_steps} warm-up, R-hat "
+            f"{draws} after {self.warmup_steps} warm-up, R-hat "
             f"{self.r_hat:.3f}, ESS {self.ess:.0f}, {len(self.divergences)} divergences"
             + (f"; {self.stopped}" if self.stopped else "")
+            + (f"; not traced: {self.untraced}" if self.untraced else "")
         )
 
 
@@ -222,9 +247,102 @@ def neutra_chain(
     return NeutraChain(latent, len(draws), warmup, divergences, r_hat, ess, seconds, stopped)
 
 
+def flow_energy(model, guide, args=(), kwargs=None):
+    """``z -> -log p(x, T(z)) - log|det dT/dz|`` for rows ``z`` of the fitted guide's base
+    space (``(C, D) -> (C,)``): the model seen through the flow, vectorised over the rows
+    (the model must broadcast over a leading dimension, as ``draw`` needs)."""
+    if not hasattr(guide, "latent_to_sites"):
+        raise TypeError(f"flow_energy needs an AutoFlowGuide, got {type(guide).__name__}")
+    kwargs = kwargs or {}
+    probe = draw(model, guide, args, kwargs, 1)
+    transform = guide.get_transform()
+
+    def energy(z):
+        u = transform(z)
+        values, log_det = guide.latent_to_sites(u, log_det=True)
+        # Without validation: a diverging trajectory of one row can underflow a scale to 0,
+        # which must make that row's energy infinite (a divergence), not stop every row.
+        with pyro.validation_enabled(False):
+            log_joint = evaluate_at(model, args, kwargs, probe, values, grad=True)["log_joint"]
+        return -(log_joint + log_det + transform.log_abs_det_jacobian(z, u))
+
+    return energy
+
+
+def neutra_chains(
+    model,
+    guide,
+    args=(),
+    kwargs=None,
+    *,
+    num_samples: int = 1000,
+    num_chains: int = CHAINS,
+    warmup_steps: int = 300,
+    deadline: float | None = None,
+    target_accept_prob: float = HMC_TARGET_ACCEPT,
+    min_ess: float | None = None,
+    max_samples: int | None = None,
+) -> NeutraChain:
+    """NeuTra with ``num_chains`` HMC chains stepped as one batch (``pyroflows.hmc``):
+    ``num_samples`` draws in all, R-hat and ESS over the chains. Needs a model that
+    broadcasts over a leading dimension (``neutra_chain`` runs Pyro's NUTS, one chain, where
+    it does not). ``deadline``, ``min_ess`` and ``max_samples`` as in ``neutra_chain``.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> from pyroflows import AutoFlowGuide
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(1.0, 2.0))
+        >>> guide = AutoFlowGuide(model).setup()
+        >>> run = neutra_chains(model, guide, num_samples=400, num_chains=4, warmup_steps=60)
+        >>> run.num_draws, run.samples["x"].shape
+        (400, torch.Size([400]))
+    """
+    _check_guide(guide)
+    start = time.perf_counter()
+    per_chain = math.ceil(num_samples / num_chains)
+    limit = math.ceil((max_samples or 4 * num_samples) / num_chains)
+    energy = flow_energy(model, guide, args, kwargs)  # runs the guide: before freezing it
+    with _frozen(guide):
+        init = guide.get_base_dist().sample((num_chains,))
+        gradient, untraced = traced_gradient(energy, init)
+        settings = dict(target_accept=target_accept_prob, deadline=deadline, gradient=gradient)
+        run = batched_hmc(energy, init, per_chain, warmup_steps, **settings)
+        warmup, runs = run.warmup, [run]
+        r_hat, ess = _diagnostics(run.draws)
+        while min_ess is not None and ess < min_ess and not run.stopped:
+            drawn = sum(r.draws.shape[1] for r in runs)
+            more = min(limit, math.ceil(drawn * 1.2 * min_ess / max(ess, 1.0))) - drawn
+            if more <= 0:
+                break  # run on, sized by the ESS per draw so far, up to the limit
+            settings.update(step_size=run.step_size, inv_metric=run.inv_metric)
+            run = batched_hmc(energy, run.draws[:, -1], more, 0, **settings)
+            runs.append(run)
+            r_hat, ess = _diagnostics(torch.cat([r.draws for r in runs], 1))
+        chains = torch.cat([r.draws for r in runs], 1)  # (chain, draw, dim)
+        divergent = torch.cat([r.divergent for r in runs], 1).reshape(-1)
+        latent = _to_sites(guide, None, chains.reshape(-1, chains.shape[-1]))
+    seconds = time.perf_counter() - start
+    divergences = divergent.nonzero().flatten().tolist()
+    return NeutraChain(
+        latent,
+        chains.numel() // chains.shape[-1],
+        warmup,
+        divergences,
+        r_hat,
+        ess,
+        seconds,
+        run.stopped,
+        num_chains,
+        untraced or (gradient.given_up if gradient else ""),
+    )
+
+
 def _diagnostics(draws) -> tuple[float, float]:
-    """The largest split R-hat and the smallest bulk ESS of one chain's ``(draw, dim)``."""
-    base = draws.double().unsqueeze(0)  # (chain, draw, dim)
+    """The largest split R-hat and the smallest bulk ESS of draws ``(draw, dim)`` of one
+    chain or ``(chain, draw, dim)`` of several."""
+    base = draws.double()
+    base = base.unsqueeze(0) if base.dim() == 2 else base  # (chain, draw, dim)
     r_hat = float(split_gelman_rubin(base, chain_dim=0, sample_dim=1).max())
     return r_hat, float(effective_sample_size(base, chain_dim=0, sample_dim=1).min())
 

@@ -49,9 +49,9 @@ class Posterior:
     Attributes:
         samples: ``{site: (num_samples, *shape)}`` constrained draws of the latent sites
             and of the deterministic sites (where the model runs vectorised over draws).
-        kind: ``"mcmc"`` (NeuTra NUTS draws), ``"resampled"`` (PSIS-resampled guide
-            draws) or ``"guide"`` (the guide's own draws, where no weights can be computed:
-            a subsampled model).
+        kind: ``"mcmc"`` (NeuTra draws: HMC chains, or one NUTS chain), ``"resampled"``
+            (PSIS-resampled guide draws) or ``"guide"`` (the guide's own draws, where no
+            weights can be computed: a subsampled model).
         diagnostics: ``k_hat`` and ``ess`` (importance weights), and for MCMC ``r_hat``,
             ``ess`` (bulk) and ``divergences``.
         route: the stages run, their times and why each next one was needed.
@@ -73,30 +73,34 @@ class Posterior:
         return self.route.label
 
     def to_inference_data(self):
-        """The draws as ``arviz.InferenceData``. MCMC draws form a chain (R-hat and ESS
+        """The draws as ``arviz.InferenceData``. MCMC draws form their chains (R-hat and ESS
         mean what they do for MCMC); resampled draws sit in one pseudo-chain that
         ``summary`` reports with ``kind="stats"`` only (``docs/guide/k-hat.md``)."""
         from .arviz import from_guide_draws, from_neutra
 
         if self.kind == "mcmc":
-            n = self.source.num_draws
-            divergent = [self.source.divergences]
-            return from_neutra(
-                self.model, self.guide, self.args, self.kwargs, self.source.samples, 1, n, divergent
-            )
+            chains = self.source.num_chains
+            n = self.source.num_draws // chains  # equally long, one after the other
+            divergent = [
+                [i - c * n for i in self.source.divergences if i // n == c] for c in range(chains)
+            ]
+            call = (self.model, self.guide, self.args, self.kwargs, self.source.samples)
+            return from_neutra(*call, chains, n, divergent)
         if self.kind == "guide":
             return from_guide_draws(self.samples, self.label)
         return self.source.to_inference_data()
 
     def summary(self):
-        """``arviz.summary`` of the draws: with split R-hat and ESS for MCMC (the chain's two
-        halves), ``kind="stats"`` (mean, sd, HDI) for importance-resampled draws."""
+        """``arviz.summary`` of the draws: with R-hat and ESS for MCMC (over the chains; one
+        chain's two halves), ``kind="stats"`` (mean, sd, HDI) for importance-resampled draws."""
         import arviz as az
 
         from .arviz import split_chain
 
-        if self.kind == "mcmc":  # one chain: R-hat and ESS of its two halves (split R-hat)
+        if self.kind == "mcmc" and self.source.num_chains == 1:  # R-hat of its two halves
             return az.summary(split_chain(self.to_inference_data()), kind="all")
+        if self.kind == "mcmc":
+            return az.summary(self.to_inference_data(), kind="all")
         return az.summary(self.to_inference_data(), kind="stats")
 
     def __str__(self) -> str:

@@ -235,11 +235,13 @@ def split_latent(prototype_trace, unconstrained_shapes: dict, latent: Tensor):
 
 
 def unpack_with_log_det(prototype_trace, unconstrained_shapes: dict, u: Tensor):
-    """One unconstrained vector -> ``{site: constrained value}`` and ``log|dz/du|``."""
-    values, log_det = {}, 0.0
+    """Unconstrained vectors ``(*batch, D)`` -> ``{site: constrained value (*batch, *shape)}``
+    and ``log|dz/du|`` of each ``(*batch,)``."""
+    values, log_det, batch = {}, 0.0, u.shape[:-1]
     for name, transform, piece in split_latent(prototype_trace, unconstrained_shapes, u):
         values[name] = transform(piece)
-        log_det = log_det + transform.log_abs_det_jacobian(piece, values[name]).sum()
+        jacobian = transform.log_abs_det_jacobian(piece, values[name])
+        log_det = log_det + jacobian.reshape((*batch, -1)).sum(-1)
     return values, log_det
 
 
