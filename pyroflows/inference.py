@@ -37,7 +37,7 @@ from .draws import NOT_VECTORISED_HINT, draw, evaluate_at, runs_vectorised
 from .fit import fit
 from .guides import AutoFlowGuide
 from .modes import check_modes
-from .neutra import neutra_chain, neutra_chains
+from .neutra import cannot_batch, neutra_chain, neutra_chains
 from .posterior import Posterior, Route, Stage
 from .progress import check_setting
 from .subsampling import subsampled_plate
@@ -262,7 +262,7 @@ class _Run:
         )
         call = (self.model, self.guide, self.args, self.kwargs)
         settings = dict(num_samples=self.num_samples, deadline=deadline, min_ess=MCMC_MIN_ESS)
-        if self.vectorised:  # HMC chains stepped as one batch: many times faster
+        if self.vectorised and not cannot_batch(*call):  # batched: many times faster
             chain = neutra_chains(*call, **settings)
         else:
             settings.update(target_accept_prob=NEUTRA_TARGET_ACCEPT)

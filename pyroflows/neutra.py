@@ -26,6 +26,7 @@ __all__ = [
     "CHAINS",
     "HMC_TARGET_ACCEPT",
     "NeutraChain",
+    "cannot_batch",
     "flow_energy",
     "neutra",
     "neutra_chain",
@@ -255,6 +256,9 @@ def flow_energy(model, guide, args=(), kwargs=None):
         raise TypeError(f"flow_energy needs an AutoFlowGuide, got {type(guide).__name__}")
     kwargs = kwargs or {}
     probe = draw(model, guide, args, kwargs, 1)
+    why = _unguided(probe)
+    if why:
+        raise ValueError(f"flow_energy: {why}; neutra_chain (Pyro's NUTS) sums it out")
     transform = guide.get_transform()
 
     def energy(z):
@@ -267,6 +271,20 @@ def flow_energy(model, guide, args=(), kwargs=None):
         return -(log_joint + log_det + transform.log_abs_det_jacobian(z, u))
 
     return energy
+
+
+def cannot_batch(model, guide, args=(), kwargs=None) -> str:
+    """Why ``flow_energy`` (and so ``neutra_chains``) cannot serve the model, or ``""``: a
+    latent site outside the flow (an enumerated discrete one) would be drawn afresh at each
+    evaluation, not summed out."""
+    return _unguided(draw(model, guide, args, kwargs or {}, 1))
+
+
+def _unguided(probe) -> str:
+    names = [n for n, info in probe.sites.items() if info.kind == "latent" and not info.in_guide]
+    if names:
+        return f"site {names[0]!r} is not in the flow (enumerated?): the energy would draw it"
+    return ""
 
 
 def neutra_chains(

@@ -183,3 +183,28 @@ def test_a_graph_that_stops_agreeing_gives_way_to_the_energy_with_a_warning():
         value, _ = gradient(z)
     assert float(value[0]) == 2.0 and gradient.given_up
     assert float(gradient(z)[0][0]) == 2.0  # from then on, the energy itself
+
+
+def test_an_enumerated_model_is_refused_by_the_batched_energy_naming_the_site():
+    # The batched energy conditions the flow's sites only: an enumerated discrete site
+    # would be drawn afresh at every evaluation (a random energy, on which HMC's step size
+    # collapsed and a 500-draw infer ran for minutes), so it is refused, and infer keeps
+    # Pyro's NUTS, which sums it out, for such models.
+    from pyro.infer import config_enumerate
+    from pyro.ops.indexing import Vindex
+
+    from pyroflows.neutra import cannot_batch
+
+    @config_enumerate
+    def mixture(y):
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+        with pyro.plate("data", len(y)):
+            k = pyro.sample("k", dist.Categorical(torch.tensor([0.4, 0.6])))
+            pyro.sample("y", dist.Normal(Vindex(loc)[..., k], 1.0), obs=y)
+
+    y = torch.tensor([-2.0, -1.5, 2.0, 2.5])
+    guide = AutoFlowGuide(mixture, init="prior").setup(y)
+    assert "'k' is not in the flow" in cannot_batch(mixture, guide, (y,))
+    with pytest.raises(ValueError, match="'k' is not in the flow"):
+        flow_energy(mixture, guide, (y,))
+    assert cannot_batch(funnel_model, AutoFlowGuide(funnel_model).setup()) == ""
