@@ -82,8 +82,8 @@ def infer(
     Arguments:
         model: a Pyro model; ``args`` and ``kwargs`` are its arguments (a keyword that
             collides with one of ``infer``'s goes in ``model_kwargs={...}``).
-        num_samples: draws returned (a NeuTra chain whose bulk ESS falls short of 400 runs
-            on, up to four times as long, and returns every draw).
+        num_samples: draws returned (NeuTra's chains end equally long, so up to 15 more;
+            chains whose bulk ESS falls short of 400 run on, up to 4x, keeping every draw).
         guide: an ``AutoFlowGuide`` to use (default: ``AutoFlowGuide(model)``); it is fitted
             in place, so a fitted one continues from where it is.
         seed: seeds Pyro's random state first, for a reproducible answer.
