@@ -342,18 +342,9 @@ def neutra_chains(
         latent = _to_sites(guide, None, chains.reshape(-1, chains.shape[-1]))
     seconds = time.perf_counter() - start
     divergences = divergent.nonzero().flatten().tolist()
-    return NeutraChain(
-        latent,
-        chains.numel() // chains.shape[-1],
-        warmup,
-        divergences,
-        r_hat,
-        ess,
-        seconds,
-        run.stopped,
-        num_chains,
-        untraced or (gradient.given_up if gradient else ""),
-    )
+    untraced = untraced or (gradient.given_up if gradient else "")
+    stats = (warmup, divergences, r_hat, ess, seconds, run.stopped, num_chains, untraced)
+    return NeutraChain(latent, chains.numel() // chains.shape[-1], *stats)
 
 
 def _diagnostics(draws) -> tuple[float, float]:
