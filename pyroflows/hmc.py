@@ -98,8 +98,7 @@ def _transition(gradient, z, u, grad, step_size, inv_metric, num_steps):
     error = h1 - h0
     divergent = ~torch.isfinite(error) | (error > DIVERGENCE)
     accept = torch.exp(-error.clamp(min=0.0)).masked_fill(divergent, 0.0)
-    take = torch.rand_like(accept) < accept
-    take = take & ~divergent
+    take = torch.rand_like(accept) < accept  # never for a divergence: its accept is 0
     z = torch.where(take[:, None], z1, z)
     u = torch.where(take, u1, u)
     grad = torch.where(take[:, None], g1, grad)
@@ -184,12 +183,12 @@ def batched_hmc(
         )
         gradients += num_steps
         draws.append(z)
-        accepts.append(float(accept.mean()))
+        accepts.append(accept.mean())  # a tensor: no device sync per draw
         divergent_steps.append(divergent)
         if deadline is not None and time.perf_counter() > deadline and len(draws) >= 10:
             stopped = stopped or f"the time budget ended the chains at {len(draws)} draws each"
             break
     stacked = torch.stack(draws, 1)  # (chains, draws, dim)
-    mean_accept = sum(accepts) / len(accepts)
+    mean_accept = float(torch.stack(accepts).mean())
     divergent = torch.stack(divergent_steps, 1)
     return HMCRun(stacked, divergent, step_size, inv_metric, mean_accept, gradients, ran, stopped)

@@ -83,7 +83,10 @@ def traced_gradient(energy: Callable[[Tensor], Tensor], example: Tensor):
 
     try:
         graph = make_fx(value_and_grad)(example.detach().clone().requires_grad_())
-    except Exception as error:  # the energy itself still runs: say why it is not traced
+    # What make_fx raises where it cannot follow the energy (a value read as a Python number,
+    # an operation without a traceable kernel). Nothing is hidden: the caller runs the energy
+    # itself next, which raises any fault of the model's own, and reports this reason.
+    except (RuntimeError, NotImplementedError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return None, f"tracing the energy failed ({type(error).__name__}: {first})"
     call_through_bindings(graph)
