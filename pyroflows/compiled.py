@@ -37,10 +37,9 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from torch import Tensor, nn
 from torch.distributions import transform_to
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from .adapters import param_constraint
-from .graph_calls import call_through_bindings
+from .graph_calls import trace
 from .scoring import FlowPosterior, StoppedScore
 from .sites import enumerated, structure_signature
 
@@ -348,9 +347,7 @@ def _trace(objective, model, guide, args, kwargs, params, example_draws):
         return (loss, *grads)
 
     inputs = [t.detach().clone().requires_grad_() for t in tensors]
-    graph = make_fx(step)(example_draws, *inputs)
-    call_through_bindings(graph)
-    return graph
+    return trace(step, example_draws, *inputs)
 
 
 def _disagreement(step: CompiledStep, draws: Tensor) -> str:

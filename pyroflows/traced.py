@@ -20,9 +20,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from .graph_calls import call_through_bindings
+from .graph_calls import trace
 from .hmc import energy_and_grad
 
 __all__ = ["CHECK_EVERY", "TracedGradient", "traced_gradient"]
@@ -82,14 +81,13 @@ def traced_gradient(energy: Callable[[Tensor], Tensor], example: Tensor):
         return value, grad
 
     try:
-        graph = make_fx(value_and_grad)(example.detach().clone().requires_grad_())
+        graph = trace(value_and_grad, example.detach().clone().requires_grad_())
     # What make_fx raises where it cannot follow the energy (a value read as a Python number,
     # an operation without a traceable kernel). Nothing is hidden: the caller runs the energy
     # itself next, which raises any fault of the model's own, and reports this reason.
     except (RuntimeError, NotImplementedError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return None, f"tracing the energy failed ({type(error).__name__}: {first})"
-    call_through_bindings(graph)
     for _ in range(AGREEMENT_POINTS):
         point = example + torch.randn_like(example)
         why = _disagreement(energy, graph, point)

@@ -330,3 +330,46 @@ def test_calls_through_fast_bindings_compute_exactly_what_the_aten_calls_did():
         x, w = torch.randn(4, 4), torch.randn(4, 4)
         assert torch.equal(fast(x, w), traced(x, w))
         torch.testing.assert_close(fast(x, w), f(x, w))
+
+
+def test_simplified_graphs_compute_what_the_traced_ones_did_and_keep_their_random_draws():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pyroflows.graph_calls import simplify
+
+    scale = torch.tensor([2.0, 3.0])
+
+    def f(x):
+        noise = torch.randn(2)  # upstream of nothing variable: must stay random, not folded
+        constant = (scale.log() * 2.0).exp().view(2)  # constants only: folded once
+        return (x.detach().view(2).expand(2) * constant + noise, noise)
+
+    traced = make_fx(f)(torch.ones(2))
+    lean = make_fx(f)(torch.ones(2))
+    assert simplify(lean) >= 5
+    assert not any(n.target is torch.ops.aten.detach.default for n in lean.graph.nodes)
+    x = torch.randn(2)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        want, _ = traced(x)
+        torch.manual_seed(1)
+        got, got_noise = lean(x)
+        assert torch.equal(got, want)
+        _, other_noise = lean(x)
+    assert not torch.equal(other_noise, got_noise)
+
+
+def test_a_graph_that_mutates_a_tensor_keeps_its_constants_unfolded():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pyroflows.graph_calls import simplify
+
+    def f(x):
+        buffer = torch.zeros(3)
+        buffer.add_(x)  # a folded zeros would accumulate across calls
+        return buffer * 2.0
+
+    lean = make_fx(f)(torch.ones(3))
+    simplify(lean)
+    for _ in range(2):
+        assert torch.equal(lean(torch.ones(3)), torch.full((3,), 2.0))
