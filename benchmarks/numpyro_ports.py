@@ -20,7 +20,7 @@ import torch
 from jax.scipy.special import logsumexp
 from numpyro.distributions import constraints
 
-from .posteriors import TWO_MODES
+from .posteriors import HIERARCHICAL_LOGISTIC, TWO_MODES
 
 
 def eight_schools_centered(y, sigma):
@@ -88,6 +88,28 @@ def logistic_regression(x, y):
         numpyro.sample("y", nd.Bernoulli(logits=b + x @ w), obs=y)
 
 
+def hierarchical_logistic_centered(x, group, y):
+    mu = numpyro.sample("mu", nd.Normal(0.0, 2.0))
+    sigma = numpyro.sample("sigma", nd.HalfNormal(1.0))
+    with numpyro.plate("groups", HIERARCHICAL_LOGISTIC["groups"]):
+        a = numpyro.sample("a", nd.Normal(mu, sigma))
+    beta = numpyro.sample("beta", nd.Normal(jnp.zeros(2), 1.0).to_event(1))
+    with numpyro.plate("N", len(y)):
+        numpyro.sample("y", nd.Bernoulli(logits=a[group] + x @ beta), obs=y)
+
+
+def hierarchical_logistic_noncentered(x, group, y):
+    """The same posterior, non-centred: the reference's sampler (make_references)."""
+    mu = numpyro.sample("mu", nd.Normal(0.0, 2.0))
+    sigma = numpyro.sample("sigma", nd.HalfNormal(1.0))
+    with numpyro.plate("groups", HIERARCHICAL_LOGISTIC["groups"]):
+        z = numpyro.sample("z", nd.Normal(0.0, 1.0))
+    a = numpyro.deterministic("a", mu + sigma * z)
+    beta = numpyro.sample("beta", nd.Normal(jnp.zeros(2), 1.0).to_event(1))
+    with numpyro.plate("N", len(y)):
+        numpyro.sample("y", nd.Bernoulli(logits=a[group] + x @ beta), obs=y)
+
+
 def funnel(dim):
     v = numpyro.sample("v", nd.Normal(0.0, 3.0))
     with numpyro.plate("i", dim - 1):
@@ -145,6 +167,7 @@ def port(name: str, posterior):
         "arK": ar_k,
         "low_dim_gauss_mix": low_dim_gauss_mix,
         "logistic_regression": logistic_regression,
+        "hierarchical_logistic_centered": hierarchical_logistic_centered,
     }
     if name in simple:
         return simple[name], args

@@ -5,14 +5,14 @@ import pyro
 import pytest
 import torch
 
-from benchmarks.posteriors import ADDED, ANALYTIC, POSTERIORDB, POSTERIORS
+from benchmarks.posteriors import ADDED, ANALYTIC, OWN_REFERENCES, POSTERIORDB, POSTERIORS
 from pyroflows import AutoFlowGuide
 from pyroflows.draws import draw
 
 
 @pytest.mark.parametrize("name", [*POSTERIORS, *ADDED])
 def test_port_draws_vectorised_and_names_every_reference_parameter(name, recwarn):
-    if not POSTERIORDB.exists() and name not in (*ANALYTIC, "logistic_regression"):
+    if not POSTERIORDB.exists() and name not in (*ANALYTIC, *OWN_REFERENCES):
         pytest.skip(f"no posteriordb at {POSTERIORDB}")
     pyro.clear_param_store()
     posterior = {**POSTERIORS, **ADDED}[name]()
@@ -136,7 +136,7 @@ def test_the_exact_hierarchical_reference_has_the_limits_it_must():
 @pytest.mark.parametrize("name", [n for n in [*POSTERIORS, *ADDED] if n != "garch11"])
 def test_numpyro_copies_have_the_pyro_models_log_density(name):
     pytest.importorskip("numpyro")  # the bench extra
-    if not POSTERIORDB.exists() and name not in (*ANALYTIC, "logistic_regression"):
+    if not POSTERIORDB.exists() and name not in (*ANALYTIC, *OWN_REFERENCES):
         pytest.skip(f"no posteriordb at {POSTERIORDB}")
     from benchmarks.numpyro_ports import same_log_density
 
