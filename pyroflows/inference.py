@@ -9,7 +9,7 @@ The route (``benchmarks/RESULTS.md``, "infer: the route" has the measurements be
    the bar), importance-resampled from fresh draws.
 3. ``dreg``: the same flow refitted on the importance-weighted bound with 8 particles and
    DReG gradients (mass-covering), importance-resampled.
-4. ``neutra``: MCMC in the flow's space: 16 HMC chains stepped as one batch
+4. ``neutra``: MCMC in the flow's space: 4-16 HMC chains stepped as one batch
    (``neutra_chains``), or Pyro's NUTS, one chain, for a model that does not broadcast over
    draws (``neutra_chain``). Asymptotically exact, cheap when the flow is good, and the
    answer whenever importance weights cannot be trusted.

@@ -33,7 +33,8 @@ __all__ = [
     "neutra_chains",
 ]
 
-CHAINS = 16  # of neutra_chains: batched, they cost about one chain's time each step
+CHAINS = 16  # of neutra_chains at most: batched, they cost about one chain's time each step
+DRAWS_PER_CHAIN = 250  # at least, while 4+ chains: R-hat - 1 ~ 1 / ESS per chain (RESULTS.md)
 # Measured on centred eight schools' fitted flow (16 chains): target 0.9 gave 152 divergences
 # and ESS 353 in 10,000 draws, 0.95 gave 35 and ESS 673 for 1.3x the time, 0.99 13 for 5x.
 HMC_TARGET_ACCEPT = 0.95
@@ -294,7 +295,7 @@ def neutra_chains(
     kwargs=None,
     *,
     num_samples: int = 1000,
-    num_chains: int = CHAINS,
+    num_chains: int | None = None,
     warmup_steps: int = 300,
     deadline: float | None = None,
     target_accept_prob: float = HMC_TARGET_ACCEPT,
@@ -304,7 +305,8 @@ def neutra_chains(
     """NeuTra with ``num_chains`` HMC chains stepped as one batch (``pyroflows.hmc``):
     ``num_samples`` draws in all, R-hat and ESS over the chains. Needs a model that
     broadcasts over a leading dimension (``neutra_chain`` runs Pyro's NUTS, one chain, where
-    it does not). ``deadline``, ``min_ess`` and ``max_samples`` as in ``neutra_chain``.
+    it does not). By default 4-16 chains of ``DRAWS_PER_CHAIN`` draws or more. ``deadline``,
+    ``min_ess`` and ``max_samples`` as in ``neutra_chain``.
 
     Example:
         >>> import pyro.distributions as dist
@@ -318,6 +320,7 @@ def neutra_chains(
     """
     _check_guide(guide)
     start = time.perf_counter()
+    num_chains = num_chains or min(CHAINS, max(4, num_samples // DRAWS_PER_CHAIN))
     per_chain = math.ceil(num_samples / num_chains)
     limit = math.ceil((max_samples or 4 * num_samples) / num_chains)
     energy = flow_energy(model, guide, args, kwargs)  # runs the guide: before freezing it

@@ -208,3 +208,17 @@ def test_an_enumerated_model_is_refused_by_the_batched_energy_naming_the_site():
     with pytest.raises(ValueError, match="'k' is not in the flow"):
         flow_energy(mixture, guide, (y,))
     assert cannot_batch(funnel_model, AutoFlowGuide(funnel_model).setup()) == ""
+
+
+def normal_model():
+    pyro.sample("x", dist.Normal(1.0, 2.0))
+
+
+@pytest.mark.parametrize(("num_samples", "chains"), [(400, 4), (1000, 4), (2000, 8)])
+def test_by_default_each_chain_gets_at_least_250_draws_from_4_to_16_chains(num_samples, chains):
+    # R-hat - 1 is about 1 / (ESS per chain): 16 chains of 63 draws read R-hat 1.01-1.02 on
+    # well-mixed draws, so a small num_samples takes fewer, longer chains.
+    pyro.set_rng_seed(0)
+    guide = AutoFlowGuide(normal_model).setup()
+    run = neutra_chains(normal_model, guide, num_samples=num_samples, warmup_steps=20)
+    assert run.num_chains == chains and run.num_draws == num_samples
