@@ -59,7 +59,10 @@ def test_conjugate_posterior_within_mcse_and_the_route_lists_its_stages():
 
 
 def test_funnel_escalates_to_mcmc_whose_draws_match_the_analytic_marginals():
-    # About 20 s (it was 90 s, and slow-marked, while NeuTra was one Pyro NUTS chain).
+    # About 30 s (90 s, slow-marked, while NeuTra was one Pyro NUTS chain; 20-25 s with 16
+    # chains of 63 draws, whose R-hat read 1.03 here). 1000 draws take 4 chains, which run on
+    # for ESS; 2000 (8 chains) took 48 s, and 4000 (16 chains of 250) 19 s but ended over 3
+    # Monte Carlo errors off in v, at an ESS that 16 short chains overstate.
     # No sound mode (the Laplace stage is skipped), and the fitted flows' importance weights
     # miss the neck (k-hat 0.6-1.4 measured): the route goes on, every stage saying why,
     # and ends in NeuTra, whose draws match v ~ N(0, 3) and log|x_i| (mean -0.635, sd 1.867)
