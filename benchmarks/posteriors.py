@@ -410,13 +410,18 @@ def logistic_regression() -> Posterior:
     def to_params(d):
         return {**_flatten("w", d["w"]), "b": d["b"].reshape(-1)}
 
-    path = Path(__file__).parent / "references" / "logistic_regression.json"
-    summary, draws = {}, None
-    if path.exists():
-        ref = json.loads(path.read_text())
-        summary = ref["parameters"]
-        draws = {k: torch.tensor(v, dtype=torch.float64) for k, v in ref["draws"].items()}
+    summary, draws = _stored_reference("logistic_regression")
     return Posterior("logistic_regression", model, (x, y), to_params, summary, draws)
+
+
+def _stored_reference(name: str):
+    """``(summary, draws)`` from ``references/<name>.json`` (``make_references``), or empty."""
+    path = Path(__file__).parent / "references" / f"{name}.json"
+    if not path.exists():
+        return {}, None
+    ref = json.loads(path.read_text())
+    draws = {k: torch.tensor(v, dtype=torch.float64) for k, v in ref["draws"].items()}
+    return ref["parameters"], draws
 
 
 HIERARCHICAL_LOGISTIC = {"groups": 24, "per_group": 8, "mu": 0.5, "sigma": 0.5, "beta": (1.0, -0.5)}
@@ -466,12 +471,7 @@ def hierarchical_logistic_centered() -> Posterior:
             **_flatten("beta", d["beta"].reshape(d["beta"].shape[0], -1)),
         }
 
-    path = Path(__file__).parent / "references" / "hierarchical_logistic_centered.json"
-    summary, draws = {}, None
-    if path.exists():
-        ref = json.loads(path.read_text())
-        summary = ref["parameters"]
-        draws = {k: torch.tensor(v, dtype=torch.float64) for k, v in ref["draws"].items()}
+    summary, draws = _stored_reference("hierarchical_logistic_centered")
     return Posterior(
         "hierarchical_logistic_centered", model, (x, group, y), to_params, summary, draws
     )
