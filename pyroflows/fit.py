@@ -153,8 +153,8 @@ def fit(
         num_steps: the most steps to run (early stopping may end sooner).
         optim: any ``pyro.optim.PyroOptim`` (then ``lr``, ``clip`` and the schedule's rate
             changes do not apply: the optimizer is used as given). Default: Adam with
-            learning rate ``lr``, gradients clipped elementwise at ``clip`` (as Pyro's
-            ``ClippedAdam``), on the schedule below.
+            learning rate ``lr``, gradients clipped elementwise (see ``clip``), on the
+            schedule below.
         loss: ``"elbo"`` (``Trace_ELBO``), ``"stl"`` (the ELBO with "sticking the landing"
             gradients, Roeder et al. 2017, arXiv:1703.09194: zero variance at the optimum,
             one inverse pass of the flow per step), ``"iwae"`` (importance-weighted bound with
@@ -173,7 +173,10 @@ def fit(
         warmup: steps of linear learning-rate warm-up (default optimizer only).
         window, patience, decay_factor, num_decays: the plateau rule (``pyroflows.schedule``);
             ``window`` defaults to ``clamp(num_steps // 40, 100, 250)``.
-        clip: elementwise gradient clip of the default optimizer.
+        clip: the default optimizer's least elementwise gradient clip: each element is
+            clamped at ``clip`` or at 5 times its running root mean square (Adam's second
+            moment), whichever is larger, so that a rare huge gradient is stopped but steady
+            large ones (a model summing thousands of terms) are not turned into signs.
         diagnose: after fitting an ``AutoContinuous`` guide (such as ``AutoFlowGuide``),
             compute the PSIS k-hat (``psis_diagnostic``, 1000 draws) and say if the fit
             cannot be trusted: once, in the progress display's closing summary, or as a

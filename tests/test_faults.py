@@ -562,3 +562,57 @@ def test_the_default_update_clips_each_gradient_element_before_adam():
         unclipped.grad = g
         adam.step()
     assert not torch.allclose(unclipped.detach(), expected.detach())
+
+
+def _given_gradients(p, gradient):
+    class GivenGradients:  # stands in for a compiled step: sets the gradient it is given
+        def loss_and_grads(self):
+            p.grad = gradient(p.detach())
+            return torch.tensor(1.0), {p: "p"}
+
+    return GivenGradients()
+
+
+def test_the_clip_follows_the_gradients_scale_and_still_stops_an_outlier():
+    from pyroflows.step import OUTLIER, GuardedStep
+
+    p = torch.zeros(2, requires_grad=True)
+    update = GuardedStep(None, 0.1, clip=10.0)
+    steady = torch.tensor([300.0, -200.0])
+    given = _given_gradients(p, lambda _: steady.clone())
+    def given_to_adam(step):  # the gradient Adam was given, read back from its moment
+        before = update.torch_optim.state[p]["exp_avg_sq"].clone()
+        update.step(None, None, None, (), {}, 0.1, step, compiled=given)
+        after = update.torch_optim.state[p]["exp_avg_sq"]
+        return ((after - 0.999 * before) / 0.001).sqrt()
+
+    update.step(None, None, None, (), {}, 0.1, 1, compiled=given)
+    first = update.torch_optim.state[p]["exp_avg_sq"]
+    torch.testing.assert_close(first, torch.full((2,), 0.001 * 10.0**2))  # clipped at 10
+    for step in range(2, 20):
+        passed = given_to_adam(step)
+    torch.testing.assert_close(passed, steady.abs(), rtol=1e-3, atol=0)  # now unclipped
+    seen = update.torch_optim.state[p]["exp_avg_sq"].clone()
+    bound = OUTLIER * (seen / (1 - 0.999**19)).sqrt()
+    spike = torch.tensor([1e6, 250.0])
+    given = _given_gradients(p, lambda _: spike.clone())
+    expected = torch.tensor([bound[0], 250.0])  # the spike clipped, the steady one not
+    torch.testing.assert_close(given_to_adam(20), expected, rtol=1e-3, atol=0)
+
+
+def test_skewed_gradient_noise_far_above_the_clip_does_not_bias_the_answer():
+    # Gradients 1000 * (x - 3 + (e^2 - 1)), e ~ N(0, 1): mean zero at x = 3. A fixed
+    # elementwise clip at 10 turns them into signs, and Adam then finds where their *median*
+    # is zero, x = 3 + 1 - 0.455 (the median of e^2): the bias the clip must not cause.
+    from pyroflows.step import GuardedStep
+
+    torch.manual_seed(0)
+    p = torch.zeros(1, requires_grad=True)
+    update = GuardedStep(None, 0.05, clip=10.0)
+    given = _given_gradients(p, lambda x: 1000.0 * (x - 3.0 + torch.randn(1) ** 2 - 1.0))
+    path = []
+    for step in range(1, 3001):
+        lr = 0.05 if step < 1500 else 0.005
+        update.step(None, None, None, (), {}, lr, step, compiled=given)
+        path.append(float(p.detach()))
+    assert abs(sum(path[-1000:]) / 1000 - 3.0) < 0.1
