@@ -7,7 +7,7 @@ from .fit import FitError, FitResult, fit
 from .guides import AutoFlowGuide, init_to_median
 from .inference import infer
 from .neutra import neutra
-from .objectives import ImportanceWeightedELBO
+from .objectives import ImportanceWeightedELBO, MemberImportanceELBO
 from .posterior import Posterior
 from .psis import khat_threshold, psis
 
@@ -20,6 +20,7 @@ __all__ = [
     "FitResult",
     "Flow",
     "ImportanceWeightedELBO",
+    "MemberImportanceELBO",
     "Posterior",
     "distributed",
     "fit",

@@ -27,7 +27,7 @@ from .compiled import Disagreement, compile_step
 from .diagnostics import psis_diagnostic
 from .guides import AutoFlowGuide
 from .locals import sparse_gradients
-from .objectives import FlowELBO, ImportanceWeightedELBO
+from .objectives import FlowELBO, ImportanceWeightedELBO, MemberImportanceELBO
 from .progress import FitError, Progress, check_setting
 from .schedule import Schedule
 from .scoring import check_stopped_scoring, scoring
@@ -158,7 +158,8 @@ def fit(
         loss: ``"elbo"`` (``Trace_ELBO``), ``"stl"`` (the ELBO with "sticking the landing"
             gradients, Roeder et al. 2017, arXiv:1703.09194: zero variance at the optimum,
             one inverse pass of the flow per step), ``"iwae"`` (importance-weighted bound with
-            ``num_particles`` draws), ``"dreg"`` (the same bound with doubly-reparametrised
+            ``num_particles`` draws; for a guide with local latents, member by member:
+            ``MemberImportanceELBO``), ``"dreg"`` (the same bound with doubly-reparametrised
             gradients, see ``ImportanceWeightedELBO``), or any Pyro
             ``ELBO`` instance (e.g. ``TraceEnum_ELBO(max_plate_nesting=1)``).
         num_particles: draws per step for the named losses (vectorised over a leading plate
@@ -239,7 +240,8 @@ def fit(
         update.setup_guide(guide, args, kwargs)
     report = Progress(progress, num_steps)
     setup_time = 0.0 if distributed else _set_up(guide, args, kwargs, report)
-    sparse = _sparse_rows(guide, elbo, loss, optim, distributed, report)
+    elbo = _for_local_latents(elbo, loss, guide, report)
+    sparse = _sparse_rows(guide, optim, distributed)
     losses: list[float] = []
     lr_history: list[float] = []
     reason = None
@@ -312,20 +314,28 @@ def _set_up(guide, args, kwargs, report: Progress) -> float:
     return seconds
 
 
-def _sparse_rows(guide, elbo, loss, optim, distributed, report) -> bool:
+def _sparse_rows(guide, optim, distributed) -> bool:
     """Whether the guide's per-member rows take lazy updates (sparse gradients): only the
-    default optimizer takes them (``RowAdam``), and distributed averaging cannot reduce them.
-    Refuses an importance-weighted loss for a guide with local latents."""
+    default optimizer takes them (``RowAdam``), and distributed averaging cannot reduce them."""
     if getattr(guide, "locals", None) is None:
         return False
-    if isinstance(elbo, ImportanceWeightedELBO):
+    return optim is None and not distributed
+
+
+def _for_local_latents(elbo, loss, guide, report):
+    """A guide with local latents (known once it is set up) takes the importance-weighted
+    bound member by member; DReG, which needs whole draws' inverse passes, is refused."""
+    if getattr(guide, "locals", None) is None or not isinstance(elbo, ImportanceWeightedELBO):
+        return elbo
+    if elbo.dreg:
         report.close()
         raise ValueError(
             f"fit: loss={loss!r} weighs whole draws of the guide, and this guide has local "
             f"latents ({', '.join(guide.local_sites)}), drawn per member outside the flow; "
-            "use loss='elbo' or 'stl'"
+            "use loss='iwae' (the bound member by member: MemberImportanceELBO), "
+            "'elbo' or 'stl'"
         )
-    return optim is None and not distributed
+    return MemberImportanceELBO(elbo.num_particles)
 
 
 def _compile(fast, distributed, elbo, model, guide, args, kwargs, report):

@@ -46,10 +46,12 @@ from torch import Tensor, nn
 from torch.distributions import biject_to
 
 __all__ = [
+    "MEMBER_DRAWS",
     "LocalLatents",
     "LocalSite",
     "check_local_sites",
     "find_local_sites",
+    "member_draws",
     "sparse_gradients",
     "take_local_sites",
 ]
@@ -60,6 +62,7 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # funnel's neck), finite in float32; a clamp: within it the linear part stays exact.
 LOG_PRECISION_BOUND = 30.0
 MEMBER_SCALE = 1.0  # the members' Gaussians start this wide: the prior, not they, leads
+MEMBER_DRAWS = "_member_draws"  # the plate of several draws per member (member_draws)
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,18 @@ def sparse_gradients(local_latents):
         local_latents.sparse_gradients = False
 
 
+@contextmanager
+def member_draws(local_latents, draws: int, dim: int):
+    """Within this context the guide draws every member's locals ``draws`` times given one
+    globals draw, in a plate named ``MEMBER_DRAWS`` at ``dim`` (left of the model's plates):
+    the per-member importance-weighted bound (``pyroflows.objectives.MemberImportanceELBO``)."""
+    local_latents.member_draws = (draws, dim)
+    try:
+        yield local_latents
+    finally:
+        local_latents.member_draws = None
+
+
 def periodic_repeat(value: Tensor, size: int, dim: int) -> Tensor:
     """Tile ``value`` along ``dim`` to ``size``: a start for members the prototype did not see."""
     index = torch.arange(size, device=value.device) % value.shape[dim]
@@ -237,6 +252,7 @@ class LocalLatents(nn.Module):
         super().__init__()
         self.sites = list(sites)
         self.sparse_gradients = False
+        self.member_draws: tuple[int, int] | None = None  # (draws, plate dim): see member_draws
         self.loc = nn.ParameterList()
         self.scale_raw = nn.ParameterList()
         self.nets = nn.ModuleList()
@@ -293,22 +309,31 @@ class LocalLatents(nn.Module):
         mean = (prior_precision * prior_mean + loc / scale.square()) / precision
         return mean, precision.rsqrt()
 
-    def draw(self, k: int, g: Tensor, g_std: Tensor, indices: list[Tensor]):
-        """Unconstrained draws of site ``k``'s members ``indices`` (see ``conditional``)
-        and their elementwise log densities."""
+    def draw(self, k: int, g: Tensor, g_std: Tensor, indices: list[Tensor], shape=()):
+        """Unconstrained draws of site ``k``'s members ``indices`` (see ``conditional``),
+        broadcast with ``shape`` (several draws per member), and their elementwise log
+        densities."""
         mean, sd = self.conditional(k, g, g_std, indices)
-        eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+        shape = torch.broadcast_shapes(tuple(shape), mean.shape)
+        eps = torch.randn(shape, dtype=mean.dtype, device=mean.device)
         return mean + sd * eps, -0.5 * eps.square() - HALF_LOG_2PI - sd.log()
 
     def sample(self, g: Tensor, g_std: Tensor, plates: dict) -> dict[str, Tensor]:
         """Sample every local site inside its plates (the guide's, so subsampled as the
-        model is) as Pyro sample sites whose density is ``q(local | globals)``."""
+        model is) as Pyro sample sites whose density is ``q(local | globals)``; within
+        ``member_draws`` each member is drawn that many times, in a plate of its own."""
         values = {}
         for k, site in enumerate(self.sites):
             with ExitStack() as stack:
                 entered = {name: stack.enter_context(plates[name]) for name in site.frames}
                 indices = [entered[name] for name in site.local_plates]
-                u, log_q = self.draw(k, g, g_std, indices)
+                shape = ()
+                if getattr(self, "member_draws", None) is not None:  # (older pickles lack it)
+                    draws, dim = self.member_draws
+                    stack.enter_context(pyro.plate(MEMBER_DRAWS, draws, dim=dim))
+                    event = len(site.shape) - site.batch_ndim
+                    shape = (draws,) + (1,) * (-dim - 1 + event)
+                u, log_q = self.draw(k, g, g_std, indices, shape)
                 values[site.name] = pyro.sample(site.name, self.delta(site, u, log_q))
         return values
 

@@ -236,7 +236,7 @@ def test_what_needs_every_member_says_so():
     with pytest.raises(ValueError, match=r"subsamples plate 'groups'.*subsample_size=None"):
         psis_diagnostic(hierarchical, guide, sigma, y, 10)
     assert psis_diagnostic(hierarchical, guide, sigma, y, num_samples=200).k_hat > 0
-    with pytest.raises(ValueError, match=r"loss='dreg'.*local latents"):
+    with pytest.raises(ValueError, match=r"loss='dreg'.*local latents.*loss='iwae'"):
         fit(hierarchical, guide, sigma, y, 10, loss="dreg", num_particles=4, progress=False)
 
 
@@ -328,3 +328,62 @@ def test_infer_on_a_subsampled_model_returns_guide_draws_of_every_member_and_say
     assert list(posterior.summary().columns[:2]) == ["mean", "sd"]  # stats, no R-hat
     with pytest.raises(ValueError, match="local latents \\(theta\\)"):
         neutra(hierarchical, guide, sigma, y, 10)
+
+
+def test_the_member_bound_is_the_elbo_at_one_draw_and_exact_with_the_exact_conditional():
+    from pyroflows.objectives import MemberImportanceELBO
+
+    sigma, y = data()
+    guide = AutoFlowGuide(hierarchical, init_scale=0.3).setup(sigma, y, 8)
+    with torch.no_grad():  # a trained-like guide: the networks not at zero
+        for p in guide.locals.nets.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    one = MemberImportanceELBO(num_particles=1, max_plate_nesting=1)
+    with torch.no_grad():
+        ours = torch.tensor([one.loss(hierarchical, guide, sigma, y, 8) for _ in range(300)])
+        elbo = Trace_ELBO()
+        pyros = torch.tensor([elbo.loss(hierarchical, guide, sigma, y, 8) for _ in range(300)])
+    se = (ours.var() / len(ours) + pyros.var() / len(pyros)).sqrt()
+    assert abs(ours.mean() - pyros.mean()) < 3 * se
+    # With the exact conditional every member's K weights are equal: given the same globals
+    # draw, the bound at K = 16 is the bound at K = 1 (log mean exp of equal terms).
+    net = guide.locals.nets[0]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.linear.weight.copy_(torch.tensor([[0.0, -2.0], [1.0, 0.0]]))
+        guide.locals.loc[0].copy_(y[:, None])
+        guide.locals.scale_raw[0].copy_(sigma.expm1().log()[:, None])
+    many = MemberImportanceELBO(num_particles=16, max_plate_nesting=1)
+    for seed in range(3):
+        values = []
+        for bound in (one, many):
+            pyro.set_rng_seed(seed)  # the globals are drawn first: the same g for both
+            values.append(bound.loss(hierarchical, guide, sigma, y, 8))
+        assert values[0] == pytest.approx(values[1], rel=1e-4)
+        pyro.set_rng_seed(seed)  # and Pyro's ELBO on the same draw: the same value
+        assert Trace_ELBO().loss(hierarchical, guide, sigma, y, 8) == pytest.approx(
+            values[0], rel=1e-4
+        )
+
+
+def test_the_member_bound_trains_with_fit_and_refuses_a_model_that_does_not_factorise():
+    from pyroflows.objectives import MemberImportanceELBO
+
+    sigma, y = data()
+    guide = AutoFlowGuide(hierarchical)
+    result = fit(hierarchical, guide, sigma, y, 10, loss="iwae", num_particles=8,
+                 num_steps=30, progress=False, diagnose=False, seed=0)
+    assert len(result.losses) == 30 and all(math.isfinite(v) for v in result.losses)
+
+    def coupled(y, keepdim=True):  # a term outside the plate that depends on the locals
+        tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        with pyro.plate("groups", len(y), subsample_size=5):
+            theta = pyro.sample("theta", dist.Normal(0.0, tau))
+        pyro.sample("total", dist.Normal(theta.sum(-1, keepdim=keepdim), 1.0), obs=y.sum())
+
+    guide = AutoFlowGuide(coupled)
+    with pytest.raises(ValueError, match="site 'total' is outside the local plate"):
+        MemberImportanceELBO(num_particles=4).loss(coupled, guide, y)
+    with pytest.raises(ValueError, match="total"):  # not broadcasting over the draws
+        MemberImportanceELBO(num_particles=4).loss(coupled, guide, y, False)
