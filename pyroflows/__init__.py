@@ -2,7 +2,7 @@
 
 from . import distributed, supports, transforms
 from .density import DensityFit, Flow
-from .diagnostics import importance_resample, log_evidence, psis_diagnostic
+from .diagnostics import globals_diagnostic, importance_resample, log_evidence, psis_diagnostic
 from .fit import FitError, FitResult, fit
 from .guides import AutoFlowGuide, init_to_median
 from .inference import infer
@@ -24,6 +24,7 @@ __all__ = [
     "Posterior",
     "distributed",
     "fit",
+    "globals_diagnostic",
     "importance_resample",
     "infer",
     "init_to_median",

@@ -20,12 +20,15 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from .draws import NOT_VECTORISED_HINT, Draws, draw, evaluate_at, is_shape_error
+from .objectives import MemberImportanceELBO
 from .psis import PSISResult, khat_threshold, psis
+from .subsampling import SubsampledModel, subsampled_plate
 
 __all__ = [
     "Evidence",
     "ImportanceResample",
     "PSISResult",
+    "globals_diagnostic",
     "importance_resample",
     "khat_threshold",
     "log_evidence",
@@ -56,6 +59,52 @@ def psis_diagnostic(model, guide, *args, num_samples: int = 1000, **kwargs) -> P
     """
     draws = draw(model, guide, args, kwargs, num_samples)
     return PSISResult.from_log_weights(draws.log_weights)
+
+
+def globals_diagnostic(
+    model, guide, *args, num_samples: int = 1000, member_draws: int = 16, **kwargs
+) -> PSISResult:
+    """The Pareto k-hat of a local-latent guide's globals, each member integrated out.
+
+    For a guide with local latents (``AutoFlowGuide``'s ``pyroflows.locals``) the joint
+    weights ``p(x, z) / q(z)`` over the globals and every member degenerate as members are
+    added, even for a good guide (their log variance grows with the number of members), so
+    their k-hat says little. Here each of ``num_samples`` globals draws ``g`` is weighted by
+    ``p(g) prod_i p̂(y_i | g) / q(g)``, where ``p̂(y_i | g)`` averages ``member_draws`` draws
+    of member ``i``'s locals from its conditional (``MemberImportanceELBO``'s estimate,
+    unbiased, so the weights are valid importance weights of the globals' marginal).
+
+    What it tells: whether ``q(globals)`` can be trusted as (or importance-weighted into)
+    the globals' marginal posterior; a poor conditional shows up too, as noisier weights.
+    What it does not: how close each member's conditional is to its exact one. The model
+    must see every member (call it with the full data), as for ``psis_diagnostic``.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyroflows import AutoFlowGuide
+        >>> def model():
+        ...     tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        ...     with pyro.plate("groups", 20):
+        ...         pyro.sample("theta", dist.Normal(0.0, tau))
+        >>> guide = AutoFlowGuide(model, local_plates=["groups"])
+        >>> result = globals_diagnostic(model, guide, num_samples=200)
+        >>> result.num_samples
+        200
+    """
+    if getattr(guide, "prototype_trace", None) is None:
+        guide.setup(*args, **kwargs)
+    if getattr(guide, "locals", None) is None:
+        raise ValueError("globals_diagnostic: the guide has no local latents; use psis_diagnostic")
+    why = subsampled_plate(model, guide, args, kwargs)
+    if why:
+        raise SubsampledModel(
+            f"globals_diagnostic: {why}; the weights need every member. Call it with "
+            "arguments under which the plate is whole (e.g. subsample_size=None)"
+        )
+    bound = MemberImportanceELBO(num_particles=member_draws)
+    with torch.no_grad():
+        log_w = [bound.bound(model, guide, args, kwargs) for _ in range(num_samples)]
+    return PSISResult.from_log_weights(torch.stack(log_w))
 
 
 @dataclass

@@ -387,3 +387,40 @@ def test_the_member_bound_trains_with_fit_and_refuses_a_model_that_does_not_fact
         MemberImportanceELBO(num_particles=4).loss(coupled, guide, y)
     with pytest.raises(ValueError, match="total"):  # not broadcasting over the draws
         MemberImportanceELBO(num_particles=4).loss(coupled, guide, y, False)
+
+
+def test_the_globals_diagnostic_integrates_each_member_out_where_joint_weights_degenerate():
+    # The exact conditional of theta_i but for its prior's precision, off by e^0.5, and
+    # q(mu, log tau) a Gaussian 1.5 times as wide as the exact posterior: a good proposal
+    # for the globals, which the joint weights (40 members' errors multiplied) hide.
+    from pyroflows import globals_diagnostic
+
+    pyro.set_rng_seed(0)
+    sigma, y = data()
+    mu, log_tau = torch.meshgrid(
+        torch.linspace(-2, 4, 300), torch.linspace(-8, 2.5, 300), indexing="ij"
+    )
+    log_p = dist.Normal(0.0, 5.0).log_prob(mu) + dist.HalfNormal(5.0).log_prob(log_tau.exp())
+    total = (log_tau.exp()[..., None] ** 2 + sigma**2).sqrt()
+    log_p = log_p + log_tau + dist.Normal(mu[..., None], total).log_prob(y).sum(-1)
+    w = torch.softmax(log_p.reshape(-1), 0).reshape(log_p.shape)
+    mean = torch.stack([(w * mu).sum(), (w * log_tau).sum()])
+    sd = torch.stack([(w * (mu - mean[0]) ** 2).sum(), (w * (log_tau - mean[1]) ** 2).sum()])
+    guide = AutoFlowGuide(hierarchical, local_plates=["groups"], num_layers=0).setup(sigma, y)
+    net = guide.locals.nets[0]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.linear.weight.copy_(torch.tensor([[0.0, -2.0], [1.0, 0.0]]))
+        net.linear.bias.copy_(torch.tensor([0.5, 0.0]))
+        guide.locals.loc[0].copy_(y[:, None])
+        guide.locals.scale_raw[0].copy_(sigma.expm1().log()[:, None])
+        guide.loc.copy_(mean)
+        guide.scale_raw.copy_((1.5 * sd.sqrt()).expm1().log())
+    assert globals_diagnostic(hierarchical, guide, sigma, y, num_samples=300).k_hat < 0.6
+    assert psis_diagnostic(hierarchical, guide, sigma, y, num_samples=300).k_hat > 0.8
+    with pytest.raises(ValueError, match=r"subsampled \(10 of 40\).*subsample_size=None"):
+        globals_diagnostic(hierarchical, guide, sigma, y, 10)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="no local latents; use psis_diagnostic"):
+        globals_diagnostic(hierarchical, AutoFlowGuide(hierarchical), sigma, y)
