@@ -273,9 +273,9 @@ def _dense(grad):
 # Each gradient element is clamped at ``clip`` or at OUTLIER times its tensor's largest
 # running root mean square (Adam's second moment), whichever is larger: a guard against rare
 # huge gradients that does not bias steady ones. A fixed clip of 10 clamped nearly every
-# gradient of a 1,000-group model (sums of hundreds of terms), so Adam followed their median instead of
-# their mean: its global mean ended 0.6-1.8 posterior sds off (benchmarks/RESULTS.md,
-# "Local latents: the fixed clip").
+# gradient of a 1,000-group model (sums of hundreds of terms), so Adam followed their
+# median instead of their mean: its global mean ended 0.6-1.8 posterior sds off
+# (benchmarks/RESULTS.md, "Local latents: the fixed clip").
 OUTLIER = 5.0
 
 
