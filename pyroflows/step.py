@@ -290,30 +290,28 @@ def _clip_dense(params, steps, optim, clip):
     number per tensor, from its largest running RMS: two passes over the tensors and one
     host sync, 0.37 ms a step at d = 1002 against the fixed clip's 0.12 (a bound per
     element took six passes, 2.2 ms)."""
-    for p, t in zip(params, steps, strict=True):
-        if t == 0:
-            p.grad.clamp_(-clip, clip)
+    for p in (p for p, t in zip(params, steps, strict=True) if t == 0):
+        p.grad.clamp_(-clip, clip)  # no moments yet
     seen = [(p, t) for p, t in zip(params, steps, strict=True) if t > 0]
     if not seen:
         return
     # amax: the moments are not negative (foreach's inf-norm took 2.8 ms here, amax 0.09)
     largest = [torch.amax(optim.state[p]["exp_avg_sq"]) for p, _ in seen]
-    device = largest[0].device
-    largest = torch.stack([v.to(device) for v in largest]).tolist()  # one host sync for all
+    largest = torch.stack([v.to(largest[0].device) for v in largest]).tolist()  # one sync
     for (p, t), v in zip(seen, largest, strict=True):
         bound = max(clip, OUTLIER * math.sqrt(v / _correction(t)))
         p.grad.clamp_(-bound, bound)
 
 
 def _clamped(grad, clip, state=None):
-    """A sparse gradient's rows clamped as ``_clip_dense`` does, from RowAdam's row state."""
+    """A sparse gradient's touched rows clamped elementwise at ``max(clip, OUTLIER x their
+    running RMS)`` (RowAdam's row state; the rows are few, so a bound per element)."""
     grad = grad.coalesce()
     rows, values = grad.indices()[0], grad.values()
     if state:
-        step = state["step"][rows].reshape((-1,) + (1,) * (values.dim() - 1))
-        step = step.clamp_min(1)  # a row never touched: v = 0, so its bound is clip
-        bound = (state["exp_avg_sq"][rows] / _correction(step)).sqrt_().mul_(OUTLIER)
-        bound = bound.clamp_min_(clip)
+        step = state["step"][rows].clamp_min(1)  # never touched: v = 0, so the bound is clip
+        v = state["exp_avg_sq"][rows] / _correction(step.reshape((-1,) + (1,) * (values.dim() - 1)))
+        bound = v.sqrt_().mul_(OUTLIER).clamp_min_(clip)
         values = torch.maximum(torch.minimum(values, bound), -bound)
     else:
         values = values.clamp(-clip, clip)
