@@ -175,10 +175,10 @@ def fit(
         window, patience, decay_factor, num_decays: the plateau rule (``pyroflows.schedule``);
             ``window`` defaults to ``clamp(num_steps // 40, 100, 250)``.
         clip: the default optimizer's least elementwise gradient clip: each element is
-            clamped at ``clip`` or at 5 times the largest running root mean square (Adam's
-            second moment) in its tensor, whichever is larger, so that a rare huge gradient
-            is stopped but steady large ones (a model summing thousands of terms) are not
-            turned into signs.
+            clamped at ``clip`` or at 5 times its running root mean square (Adam's second
+            moment; one bound per tensor for tensors above 4,096 elements), whichever is
+            larger, so that a rare huge gradient is stopped but steady large ones (a model
+            summing thousands of terms) are not turned into signs.
         diagnose: after fitting an ``AutoContinuous`` guide (such as ``AutoFlowGuide``),
             compute the PSIS k-hat (``psis_diagnostic``, 1000 draws) and say if the fit
             cannot be trusted: once, in the progress display's closing summary, or as a
