@@ -40,6 +40,7 @@ from .architecture import (
     validate_flow_spec,
 )
 from .laplace import LaplaceStart, laplace_start
+from .local_guide import LocalLatentsGuide
 from .locals import (
     LocalLatents,
     LocalSite,
@@ -53,14 +54,13 @@ from .sites import (
     check_dependent_supports,
     check_latent_site,
     check_layout,
-    check_plate_sizes,
     enumerated,
     init_to_median,
     unconstrained_energy,
     unpack_with_log_det,
 )
 from .state import check_entries, check_same_architecture, read_saved_state
-from .subsampling import check_subsampling, guide_plates
+from .subsampling import check_subsampling
 
 __all__ = ["AutoFlowGuide", "init_to_median"]
 
@@ -68,7 +68,7 @@ FULL_RANK_LIMIT = 200  # affine="auto": a full lower-triangular L up to this man
 DEFAULT_INIT_SCALE = 0.1  # as AutoNormal's
 
 
-class AutoFlowGuide(AutoContinuous):
+class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
     r"""A normalizing-flow guide: write ``AutoFlowGuide(model)`` where ``AutoNormal(model)`` was.
 
     The posterior over the unconstrained latent vector is ``loc + scale * flow(eps)`` with
@@ -112,6 +112,9 @@ class AutoFlowGuide(AutoContinuous):
         local_plates: plates whose latents are local (``pyroflows.locals``): per-member
             parameters plus a network conditioned on the globals, outside the flow. Latents
             in a subsampled plate are always local; name a full plate here to treat it so.
+        local_prior: ``"learned"``: the locals' prior given the globals is learned;
+            ``"model"``: the model's own where it is Gaussian in unconstrained space
+            (``pyroflows.model_prior``: the model runs to its local sites inside the guide).
         name: the prefix of this guide's parameters in Pyro's param store (default: a
             unique ``"AutoFlowGuide"``, ``"AutoFlowGuide_2"``, ...).
         flow_kwargs: further architecture keywords for the flow (``count_bins``, ``bound``,
@@ -144,6 +147,7 @@ class AutoFlowGuide(AutoContinuous):
         stl: bool = False,
         init: str = "auto",
         local_plates: Sequence[str] = (),
+        local_prior: str = "learned",
         **flow_kwargs,
     ):
         # An explicit start (either argument) is a warm start and wins over init="auto".
@@ -155,6 +159,7 @@ class AutoFlowGuide(AutoContinuous):
         check_choice("base", base, ("normal", "studentt"))
         check_choice("affine", affine, ("auto", "full", "diagonal"))
         check_choice("init", init, ("auto", "laplace", "prior"))
+        check_choice("local_prior", local_prior, ("learned", "model"))
         validate_flow_spec(flow)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.create_plates = create_plates
@@ -169,6 +174,7 @@ class AutoFlowGuide(AutoContinuous):
         self._init_scale = init_scale
         self._init = init
         self.local_plates = tuple(local_plates)
+        self.local_prior = local_prior
         self.locals: LocalLatents | None = None
         self._layout: list[tuple[str, tuple[int, ...]]] | None = None
         self._store_checked = False
@@ -200,6 +206,7 @@ class AutoFlowGuide(AutoContinuous):
             restore(self, before)
             raise
         self._seen_arguments = {arguments_signature(args, kwargs)}
+        self.__dict__["_model_arguments"] = (args, kwargs)
 
     def _trace_prototype(self, *args, **kwargs):
         AutoGuide._setup_prototype(self, *args, **kwargs)
@@ -261,11 +268,7 @@ class AutoFlowGuide(AutoContinuous):
                 self.locals = LocalLatents(
                     local_sites, self.latent_dim, local_init, self._init_scale, init_loc
                 )
-
-    @property
-    def local_sites(self) -> tuple[str, ...]:
-        """The names of the local latent sites (``pyroflows.locals``), in model order."""
-        return () if self.locals is None else tuple(site.name for site in self.locals.sites)
+                self._start_members(args, kwargs)
 
     def setup(self, *args, **kwargs) -> AutoFlowGuide:
         """Trace the model and create the parameters now, with the model's arguments (the
@@ -421,35 +424,9 @@ class AutoFlowGuide(AutoContinuous):
         result = super().forward(*args, **kwargs)
         if self.locals is not None:
             g = self._globals_draw
-            result.update(self.locals.sample(g, self._standardised(g), self.plates))
+            run = self._model_runner(result, args, kwargs)
+            result.update(self.locals.sample(g, self._standardised(g), self.plates, run))
         return result
-
-    def _standardised(self, latent: Tensor) -> Tensor:
-        # The networks' input on a unit scale; detached: a reparametrisation of their input,
-        # not a path for gradients into loc and scale.
-        return (latent - self.loc.detach()) / self.scale.detach()
-
-    def _create_plates(self, *args, **kwargs):
-        # As Pyro's, but a local plate's subsample size follows the model's for these
-        # arguments (a last smaller batch, or all members for Predictive).
-        sizes = self.__dict__.get("_plate_sizes", {}).get(arguments_signature(args, kwargs), {})
-        user = self.create_plates(*args, **kwargs) if self.create_plates else ()
-        self.plates = guide_plates(user, self._prototype_frames, sizes)
-        return self.plates
-
-    def _check_plate_sizes(self, args, kwargs):
-        """New arguments (by shape and value) must not change the size of a latent's plate:
-        the guide's parameters were made for the sizes it was set up with. A local plate's
-        subsample may change (its size is then recorded for ``_create_plates``)."""
-        signature = arguments_signature(args, kwargs)
-        seen = self.__dict__.setdefault("_seen_arguments", set())
-        if signature not in seen:
-            check_plate_sizes(self.model, self.prototype_trace, args, kwargs)
-            if self.locals is not None:
-                guide_plates = self.create_plates is not None
-                sizes = check_subsampling(self.model, self.locals.sites, args, kwargs, guide_plates)
-                self.__dict__.setdefault("_plate_sizes", {})[signature] = sizes
-            seen.add(signature)
 
     def _check_param_store(self):
         """Our parameters must be the tensors Pyro's store holds under our names."""
@@ -476,7 +453,7 @@ class AutoFlowGuide(AutoContinuous):
             latent = self.get_posterior().sample((num_samples,))
             local = {}
             if self.locals is not None:
-                local = self.locals.draw_all(latent, self._standardised(latent))
+                local = self._draw_locals(latent, args, kwargs)
         return {**self.latent_to_sites(latent), **local}
 
     def latent_to_sites(self, latent: Tensor, log_det: bool = False):

@@ -45,6 +45,8 @@ from pyro.distributions.util import sum_rightmost
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
+from .model_prior import gaussian_prior
+
 __all__ = [
     "MEMBER_DRAWS",
     "LocalLatents",
@@ -280,62 +282,83 @@ class LocalLatents(nn.Module):
         """The members ``indices`` (one index tensor per local plate) of a row parameter,
         in the site's own layout."""
         site = self.sites[k]
-        sizes = [site.shape[d] for d in site.local_dims]
-        flat = torch.zeros((), dtype=torch.long, device=param.device)
-        for j, index in enumerate(indices):
-            view = [1] * len(indices)
-            view[j] = -1
-            flat = flat * sizes[j] + index.reshape(view)
+        flat = self.flat_members(k, indices)
         picked = [len(i) for i in indices]
-        rows = nn.functional.embedding(flat.reshape(-1), param, sparse=self.sparse_gradients)
+        rows = nn.functional.embedding(flat, param, sparse=self.sparse_gradients)
         rows = rows.reshape(picked + [site.shape[d] for d in site.other_dims])
         order = site.local_dims + site.other_dims
         return rows.permute([order.index(d) for d in range(len(order))])
 
-    def conditional(self, k: int, g: Tensor, g_std: Tensor, indices: list[Tensor]):
+    def conditional(self, k: int, g: Tensor, g_std: Tensor, indices: list[Tensor], prior=None):
         """The mean and sd of site ``k``'s members ``indices`` (unconstrained, elementwise)
         given the globals draw ``g`` and its standardised ``g_std`` (batch dims aligned
-        with the site's from the right): a learned prior times the member's Gaussian."""
+        with the site's from the right): a prior times the member's Gaussian. The prior is
+        ``prior`` (``(mean, precision)``, the model's own: ``pyroflows.model_prior``) where
+        given, else the learned one."""
         site = self.sites[k]
         loc = self._gather(k, self.loc[k], indices)
         scale = nn.functional.softplus(self._gather(k, self.scale_raw[k], indices))
-        event = (1,) * (len(site.shape) - site.batch_ndim)
-        g = g.reshape(g.shape[:-1] + event + g.shape[-1:])
-        g_std = g_std.reshape(g_std.shape[:-1] + event + g_std.shape[-1:])
-        log_prior_precision, prior_mean = self.nets[k](g, g_std, loc, scale)
+        if prior is None:
+            event = (1,) * (len(site.shape) - site.batch_ndim)
+            g = g.reshape(g.shape[:-1] + event + g.shape[-1:])
+            g_std = g_std.reshape(g_std.shape[:-1] + event + g_std.shape[-1:])
+            log_prior_precision, prior_mean = self.nets[k](g, g_std, loc, scale)
+        else:
+            prior_mean, log_prior_precision = prior[0], prior[1].log()
         bound = LOG_PRECISION_BOUND
         prior_precision = log_prior_precision.clamp(-bound, bound).exp()
         precision = prior_precision + scale.pow(-2)
         mean = (prior_precision * prior_mean + loc / scale.square()) / precision
         return mean, precision.rsqrt()
 
-    def draw(self, k: int, g: Tensor, g_std: Tensor, indices: list[Tensor], shape=()):
+    def draw(self, k: int, g: Tensor, g_std: Tensor, indices: list[Tensor], shape=(), prior=None):
         """Unconstrained draws of site ``k``'s members ``indices`` (see ``conditional``),
         broadcast with ``shape`` (several draws per member), and their elementwise log
         densities."""
-        mean, sd = self.conditional(k, g, g_std, indices)
+        mean, sd = self.conditional(k, g, g_std, indices, prior)
         shape = torch.broadcast_shapes(tuple(shape), mean.shape)
         eps = torch.randn(shape, dtype=mean.dtype, device=mean.device)
         return mean + sd * eps, -0.5 * eps.square() - HALF_LOG_2PI - sd.log()
 
-    def sample(self, g: Tensor, g_std: Tensor, plates: dict) -> dict[str, Tensor]:
+    def _draws_shape(self, site: LocalSite) -> tuple:
+        if getattr(self, "member_draws", None) is None:  # (older pickles lack it)
+            return ()
+        draws, dim = self.member_draws
+        return (draws,) + (1,) * (-dim - 1 + len(site.shape) - site.batch_ndim)
+
+    def sample(self, g: Tensor, g_std: Tensor, plates: dict, run_model=None) -> dict:
         """Sample every local site inside its plates (the guide's, so subsampled as the
         model is) as Pyro sample sites whose density is ``q(local | globals)``; within
-        ``member_draws`` each member is drawn that many times, in a plate of its own."""
+        ``member_draws`` each member is drawn that many times, in a plate of its own.
+        ``run_model(indices, draw)``, where given, runs the model to its local sites
+        (``pyroflows.model_prior.run_to_locals``): the model's own priors are then used."""
+        drawn, shape = {}, self._draws_shape
+        if run_model is not None:
+            indices = {name: plate.indices for name, plate in plates.items()}
+
+            def draw(name, fn):
+                k = self.names.index(name)
+                site = self.sites[k]
+                picked = [indices[plate] for plate in site.local_plates]
+                drawn[name] = self.draw(k, g, g_std, picked, shape(site), gaussian_prior(fn))
+                return biject_to(site.support)(drawn[name][0])
+
+            run_model(indices, draw)
         values = {}
         for k, site in enumerate(self.sites):
             with ExitStack() as stack:
                 entered = {name: stack.enter_context(plates[name]) for name in site.frames}
-                indices = [entered[name] for name in site.local_plates]
-                shape = ()
-                if getattr(self, "member_draws", None) is not None:  # (older pickles lack it)
+                if self._draws_shape(site):
                     draws, dim = self.member_draws
                     stack.enter_context(pyro.plate(MEMBER_DRAWS, draws, dim=dim))
-                    event = len(site.shape) - site.batch_ndim
-                    shape = (draws,) + (1,) * (-dim - 1 + event)
-                u, log_q = self.draw(k, g, g_std, indices, shape)
+                indices = [entered[name] for name in site.local_plates]
+                u, log_q = drawn.get(site.name) or self.draw(k, g, g_std, indices, shape(site))
                 values[site.name] = pyro.sample(site.name, self.delta(site, u, log_q))
         return values
+
+    @property
+    def names(self) -> list[str]:  # the sites' names, in model order
+        return [site.name for site in self.sites]
 
     @staticmethod
     def delta(site: LocalSite, u: Tensor, log_q: Tensor):
@@ -351,7 +374,8 @@ class LocalLatents(nn.Module):
     @torch.no_grad()
     def draw_all(self, g: Tensor, g_std: Tensor) -> dict[str, Tensor]:
         """Every member of every local site at each of ``S`` standardised globals draws
-        ``g_std (S, D)``: ``{site: (S, *shape)}`` in constrained space."""
+        ``g_std (S, D)``: ``{site: (S, *shape)}`` in constrained space (the learned prior;
+        the model's: ``pyroflows.model_prior.draw_members``)."""
         out = {}
         for k, site in enumerate(self.sites):
             device = g_std.device
@@ -360,6 +384,16 @@ class LocalLatents(nn.Module):
             u, _ = self.draw(k, g.reshape(shape), g_std.reshape(shape), indices)
             out[site.name] = biject_to(site.support)(u)
         return out
+
+    def flat_members(self, k: int, indices: list[Tensor]) -> Tensor:
+        site = self.sites[k]
+        sizes = [site.shape[d] for d in site.local_dims]
+        flat = torch.zeros((), dtype=torch.long, device=indices[0].device)
+        for j, index in enumerate(indices):
+            view = [1] * len(indices)
+            view[j] = -1
+            flat = flat * sizes[j] + index.reshape(view)
+        return flat.reshape(-1)
 
     def describe(self) -> list[tuple]:
         """The sites' ``key()``s, saved with the state."""

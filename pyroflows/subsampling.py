@@ -28,6 +28,7 @@ __all__ = [
     "check_subsampling",
     "explicit_subsamples",
     "guide_plates",
+    "member_chunks",
     "plate_sizes",
     "refuse_subsampled",
     "subsample_indices",
@@ -94,6 +95,13 @@ def guide_plates(given, frames: dict, sizes: dict) -> dict:
                 name, full, dim=frame.dim, subsample_size=size, subsample=index
             )
     return plates
+
+
+def member_chunks(size: int, subsample_size: int, device=None) -> list[Tensor]:
+    """Index tensors of ``subsample_size`` each that cover ``range(size)`` (the last one
+    overlaps the one before): every member, as a model that subsamples sees them."""
+    starts = [*range(0, size - subsample_size, subsample_size), size - subsample_size]
+    return [torch.arange(a, a + subsample_size, device=device) for a in starts]
 
 
 def subsample_indices(size: int, subsample_size: int) -> Tensor:
