@@ -127,7 +127,7 @@ def run_guide(name: str, seed: int, sigma, y) -> tuple[dict, float, str]:
     pyro.set_rng_seed(seed)
     options = {}
     if name.startswith("AutoFlowGuide"):
-        guide = AutoFlowGuide(model)
+        guide = AutoFlowGuide(model, local_prior="model" if name == MODEL_PRIOR else "learned")
         if name == MEMBER_BOUND:
             options = {"loss": "iwae", "num_particles": 16}
     elif name == "AutoGuideList (flow + AutoNormal)":
@@ -154,7 +154,8 @@ def run_guide(name: str, seed: int, sigma, y) -> tuple[dict, float, str]:
 
 
 MEMBER_BOUND = "AutoFlowGuide, loss='iwae', num_particles=16 (the bound member by member)"
-GUIDES = ("AutoFlowGuide", MEMBER_BOUND, "AutoGuideList (flow + AutoNormal)", "AutoNormal")
+MODEL_PRIOR = "AutoFlowGuide, local_prior='model'"
+GUIDES = ("AutoFlowGuide", MODEL_PRIOR, MEMBER_BOUND, "AutoGuideList (flow + AutoNormal)", "AutoNormal")
 
 
 HEADER = [

@@ -156,9 +156,10 @@ def _build(draws: Draws, groups: dict, attrs: dict, chains: int) -> az.Inference
     dims = {}
     for group in groups.values():
         for name, value in group.items():
-            if name in draws.sites:
+            if draws is not None and name in draws.sites:
                 dims[name] = _dims(draws, name, value.dim() - 1)
-    observed = {n: v.detach().cpu().numpy() for n, v in draws.observed.items()}
+    observed = {} if draws is None else draws.observed  # (None: the members' resampling)
+    observed = {n: v.detach().cpu().numpy() for n, v in observed.items()}
     arrays = {
         key: {n: _numpy(v, chains) for n, v in group.items()} or None
         for key, group in groups.items()

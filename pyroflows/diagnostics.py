@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from .draws import NOT_VECTORISED_HINT, Draws, draw, evaluate_at, is_shape_error
+from .member_resample import resample_members
 from .objectives import MemberImportanceELBO
 from .psis import PSISResult, khat_threshold, psis
 from .subsampling import SubsampledModel, subsampled_plate
@@ -185,6 +186,8 @@ def importance_resample(
         >>> bool(abs(x.mean() - 1.0) < 0.2 and abs(x.std() - 2.0) < 0.2)
         True
     """
+    if getattr(guide, "locals", None) is not None:
+        return _resample_members(model, guide, args, kwargs, num_samples, num_draws, seed, warn)
     draws = draw(model, guide, args, kwargs, num_samples, predictive=predictive)
     log_w = draws.log_weights
     result = PSISResult.from_log_weights(log_w)
@@ -205,6 +208,18 @@ def importance_resample(
     index = index.to(draws.log_joint.device)
     samples = {name: value[index] for name, value in draws.values.items()}
     return ImportanceResample(samples, result, accepted, draws, index)
+
+
+def _resample_members(model, guide, args, kwargs, num_samples, num_draws, seed, warn):
+    samples, result, index = resample_members(
+        model, guide, args, kwargs, num_samples, num_draws, seed=seed
+    )
+    if warn and not result.ok:
+        warnings.warn(
+            f"importance_resample (the globals, members integrated out): {result.summary()}",
+            stacklevel=3,
+        )
+    return ImportanceResample(samples, result, 0, None, index)
 
 
 def _moment_match(model, args, kwargs, draws, result, max_adaptations):

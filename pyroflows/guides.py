@@ -112,9 +112,10 @@ class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
         local_plates: plates whose latents are local (``pyroflows.locals``): per-member
             parameters plus a network conditioned on the globals, outside the flow. Latents
             in a subsampled plate are always local; name a full plate here to treat it so.
-        local_prior: ``"learned"``: the locals' prior given the globals is learned;
-            ``"model"``: the model's own where it is Gaussian in unconstrained space
-            (``pyroflows.model_prior``: the model runs to its local sites inside the guide).
+        local_prior: ``"model"``: a local's prior given the globals is the model's own where
+            it is Gaussian in unconstrained space (``pyroflows.model_prior``: the model runs
+            to its local sites inside the guide; its members start at the likelihood's
+            Laplace share), else learned; ``"learned"``: always learned.
         name: the prefix of this guide's parameters in Pyro's param store (default: a
             unique ``"AutoFlowGuide"``, ``"AutoFlowGuide_2"``, ...).
         flow_kwargs: further architecture keywords for the flow (``count_bins``, ``bound``,
@@ -147,7 +148,7 @@ class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
         stl: bool = False,
         init: str = "auto",
         local_plates: Sequence[str] = (),
-        local_prior: str = "learned",
+        local_prior: str = "model",
         **flow_kwargs,
     ):
         # An explicit start (either argument) is a warm start and wins over init="auto".

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 
 import pyro.distributions as dist
 import torch
@@ -123,10 +124,12 @@ class _Indices(Messenger):
 
 
 NEWTON_STEPS = 8
+NEWTON_TOLERANCE = 1e-3  # done when no element moved more (unconstrained)
 MAX_NEWTON_STEP = 3.0  # a Newton step's largest move (unconstrained), for a safe start
 LEAST_PRECISION = 1e-4  # a member whose likelihood is flatter starts 100 wide
 
 
+@torch.enable_grad()  # (setup may run under no_grad: the start needs derivatives)
 def start_members(model, args, kwargs, values, indices, sites, members) -> dict:
     """A start for each member's Gaussian (the likelihood's share of its conditional): a
     few elementwise Newton steps on ``log p(locals, data | globals)`` at the globals
@@ -158,28 +161,47 @@ def start_members(model, args, kwargs, values, indices, sites, members) -> dict:
     for step in range(NEWTON_STEPS + 1):  # the last pass: the curvature at the mode
         total, priors = log_joint()
         grads = torch.autograd.grad(total, list(u.values()), create_graph=True)
-        curvature = _diagonal_hessian(grads, list(u.values()))
-        if step == NEWTON_STEPS:
+        curvature = _diagonal_hessian(grads, list(u.values()), sites)
+        if step == NEWTON_STEPS or (step > 0 and largest < NEWTON_TOLERANCE):
             break
+        largest = 0.0
         with torch.no_grad():
             for value, grad, curv in zip(u.values(), grads, curvature, strict=True):
                 move = grad / (-curv).clamp(min=LEAST_PRECISION)
                 value += move.clamp(-MAX_NEWTON_STEP, MAX_NEWTON_STEP)
+                largest = max(largest, float(move.abs().max()))
     out = {}
     for (name, value), curv in zip(u.items(), curvature, strict=True):
+        if priors[name] is None:  # not Gaussian: the learned prior's members start as they are
+            continue
         prior_mean, prior_precision = priors[name]
-        share = (-curv.detach() - prior_precision).clamp(min=LEAST_PRECISION)
+        share = -curv.detach() - prior_precision
         mode = value.detach()
-        loc = mode + prior_precision * (mode - prior_mean) / share
+        # where the likelihood is flat (or not concave) the member starts wide at the mode
+        flat = share <= LEAST_PRECISION
+        share = share.clamp(min=LEAST_PRECISION)
+        loc = torch.where(flat, mode, mode + prior_precision * (mode - prior_mean) / share)
         out[name] = (loc, share.rsqrt())
     return out
 
 
-def _diagonal_hessian(grads, values):
-    """The diagonal of the Hessian for a log density separable over members with scalar
-    elements: each element's gradient depends on that element alone."""
-    total = sum(grad.sum() for grad in grads)
-    return torch.autograd.grad(total, values, retain_graph=False)
+def _diagonal_hessian(grads, values, sites):
+    """The diagonal of the Hessian of a log density separable over members: one pass per
+    site and element position within a member (the other members' elements at that
+    position do not interact with it). Cross-site terms are left out."""
+    out = []
+    for grad, value, site in zip(grads, values, sites, strict=True):
+        shape = [value.shape[d] for d in site.other_dims]
+        positions = torch.arange(math.prod(shape), device=value.device).reshape(shape)
+        for d in site.local_dims:  # broadcast over the members' dimensions
+            positions = positions.unsqueeze(d)
+        curvature = torch.zeros_like(value)
+        for p in range(math.prod(shape)):
+            at = positions == p
+            (hv,) = torch.autograd.grad((grad * at).sum(), value, retain_graph=True)
+            curvature = torch.where(at, hv, curvature)
+        out.append(curvature)
+    return out
 
 
 def start_all_members(local_latents, model, args, kwargs, values, chunks) -> None:
@@ -197,6 +219,8 @@ def start_all_members(local_latents, model, args, kwargs, values, chunks) -> Non
         started = start_members(model, args, kwargs, values, indices, sites, members)
         with torch.no_grad():
             for k, site in enumerate(sites):
+                if site.name not in started:
+                    continue
                 flat = local_latents.flat_members(k, picked[site.name])
                 loc, scale = started[site.name]
                 order = site.local_dims + site.other_dims

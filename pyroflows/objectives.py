@@ -226,6 +226,14 @@ class MemberImportanceELBO(ELBO):
 
     def bound(self, model, guide, args, kwargs) -> torch.Tensor:
         """The bound for one globals draw, as a tensor with its gradient."""
+        return self.weigh(model, guide, args, kwargs)[0]
+
+    def weigh(self, model, guide, args, kwargs, latent=None):
+        """``(bound, guide_trace, member_log_weights)``: the bound for one globals draw (the
+        guide's, or its unconstrained ``latent`` where given), the guide's trace (the
+        globals and ``K`` draws of each member), and each draw's log weight
+        ``log p(y_i, u_ik | g) - log q(u_ik | g)``, ``(K, members)`` (``None`` without
+        members)."""
         if getattr(guide, "prototype_trace", None) is None:
             guide.setup(*args, **kwargs)
         sites = getattr(guide, "locals", None)
@@ -239,8 +247,9 @@ class MemberImportanceELBO(ELBO):
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
         k, dim = self.member_particles, -(self.max_plate_nesting + 1)
+        given = {} if latent is None else {guide.latent_site_name: latent}
         with member_draws(guide.locals, k, dim):
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            guide_trace = poutine.trace(poutine.condition(guide, given)).get_trace(*args, **kwargs)
         with pyro.plate(MEMBER_DRAWS, k, dim=dim):
             replayed = poutine.replay(model, trace=guide_trace)
             model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
@@ -259,8 +268,8 @@ class MemberImportanceELBO(ELBO):
                 per = _per_draw_and_member(site["log_prob"] / factor, dim, frame.dim)
                 members = members + sign * per
         if factor is None:
-            return total
-        return total + factor * _log_mean_exp(members).sum()
+            return total, guide_trace, None
+        return total + factor * _log_mean_exp(members).sum(), guide_trace, members
 
     def loss(self, model, guide, *args, **kwargs):
         """The negative bound, without gradients."""

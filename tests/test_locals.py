@@ -105,7 +105,7 @@ def test_members_outside_the_minibatch_do_not_move_and_those_inside_do():
 def test_the_subsampled_elbo_is_unbiased_for_the_full_data_elbo():
     pyro.set_rng_seed(0)
     sigma, y = data()
-    guide = AutoFlowGuide(hierarchical, init_scale=0.3).setup(sigma, y, 8)
+    guide = AutoFlowGuide(hierarchical, init_scale=0.3, local_prior="learned").setup(sigma, y, 8)
     with torch.no_grad():  # a trained-like guide: the networks not at zero
         for p in guide.locals.nets.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -142,7 +142,7 @@ def test_the_local_density_is_that_of_the_draw_including_the_jacobian():
 def test_the_learned_prior_represents_a_normal_hierarchys_exact_conditional():
     # theta_i | mu, tau, y_i: N(mu, tau) times N(y_i, sigma_i), for every mu and tau.
     sigma, y = data()
-    guide = AutoFlowGuide(hierarchical).setup(sigma, y, 10)
+    guide = AutoFlowGuide(hierarchical, local_prior="learned").setup(sigma, y, 10)
     net = guide.locals.nets[0]
     with torch.no_grad():  # log prior precision = -2 log tau; prior mean = mu
         net.linear.weight.copy_(torch.tensor([[0.0, -2.0], [1.0, 0.0]]))
@@ -334,7 +334,7 @@ def test_the_member_bound_is_the_elbo_at_one_draw_and_exact_with_the_exact_condi
     from pyroflows.objectives import MemberImportanceELBO
 
     sigma, y = data()
-    guide = AutoFlowGuide(hierarchical, init_scale=0.3).setup(sigma, y, 8)
+    guide = AutoFlowGuide(hierarchical, init_scale=0.3, local_prior="learned").setup(sigma, y, 8)
     with torch.no_grad():  # a trained-like guide: the networks not at zero
         for p in guide.locals.nets.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -406,7 +406,9 @@ def test_the_globals_diagnostic_integrates_each_member_out_where_joint_weights_d
     w = torch.softmax(log_p.reshape(-1), 0).reshape(log_p.shape)
     mean = torch.stack([(w * mu).sum(), (w * log_tau).sum()])
     sd = torch.stack([(w * (mu - mean[0]) ** 2).sum(), (w * (log_tau - mean[1]) ** 2).sum()])
-    guide = AutoFlowGuide(hierarchical, local_plates=["groups"], num_layers=0).setup(sigma, y)
+    guide = AutoFlowGuide(
+        hierarchical, local_plates=["groups"], num_layers=0, local_prior="learned"
+    ).setup(sigma, y)
     net = guide.locals.nets[0]
     with torch.no_grad():
         for p in net.parameters():

@@ -20,7 +20,11 @@ def fresh_param_store():
 def data(n=N, seed=0):
     generator = torch.Generator().manual_seed(seed)
     sigma = 1.0 + torch.rand(n, generator=generator)
-    y = 1.0 + 0.5 * torch.randn(n, generator=generator) + sigma * torch.randn(n, generator=generator)
+    y = (
+        1.0
+        + 0.5 * torch.randn(n, generator=generator)
+        + sigma * torch.randn(n, generator=generator)
+    )
     return sigma, y
 
 
@@ -78,3 +82,82 @@ def test_sample_posterior_draws_every_member_from_its_conditional():
     z = (theta.mean(0) - mean) / (sd / 4000**0.5)
     assert z.abs().max() < 5  # 1050 members, each within 5 standard errors
     assert ((theta.std(0) / sd).log().abs() < 0.1).all()
+
+
+def test_members_of_several_elements_start_element_by_element():
+    # three elements per member, each its own share (a layout mixing members and elements
+    # would be off)
+    generator = torch.Generator().manual_seed(1)
+    sigma = 1.0 + torch.rand(60, 3, generator=generator)
+    y = torch.randn(60, 3, generator=generator) * 2
+
+    def vector_model(sigma, y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("groups", 60, subsample_size=20) as idx:
+            theta = pyro.sample("theta", dist.Normal(mu, 2.0).expand([20, 3]).to_event(1))
+            pyro.sample(
+                "y",
+                dist.Normal(theta * theta.new_tensor([1.0, 2.0, 0.5]), sigma[idx]).to_event(1),
+                obs=y[idx],
+            )
+
+    guide = AutoFlowGuide(vector_model, local_prior="model").setup(sigma, y)
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    loc = guide.locals.loc[0].detach().reshape(60, 3)
+    scale = torch.nn.functional.softplus(guide.locals.scale_raw[0].detach()).reshape(60, 3)
+    # y = w theta + noise: the likelihood's share is N(y / w, sigma / w)
+    assert torch.allclose(loc, y / weights, atol=1e-3)
+    assert torch.allclose(scale, sigma / weights, rtol=1e-3)
+
+
+def grid_posterior(sigma, y):
+    """Exact means and sds of mu, tau and each theta_i (a grid over mu, log tau)."""
+    sigma, y = sigma.double(), y.double()
+    mu, log_tau = torch.meshgrid(
+        torch.linspace(-3, 5, 400, dtype=torch.float64),
+        torch.linspace(-10, 2.5, 600, dtype=torch.float64),
+        indexing="ij",
+    )
+    tau = log_tau.exp()
+    log_p = dist.Normal(0.0, 5.0).log_prob(mu) + dist.HalfNormal(5.0).log_prob(tau) + log_tau
+    total = (tau[..., None] ** 2 + sigma**2).sqrt()
+    log_p = log_p + dist.Normal(mu[..., None], total).log_prob(y).sum(-1)
+    w = torch.softmax(log_p.reshape(-1), 0).reshape(log_p.shape)
+    out = {}
+    for name, value in (("mu", mu), ("log_tau", log_tau), ("tau", tau)):
+        mean = (w * value).sum()
+        out[name] = (mean, ((w * (value - mean) ** 2).sum()).sqrt())
+    c, v = exact_conditional(mu[..., None], tau[..., None], sigma, y)
+    mean = (w[..., None] * c).sum((0, 1))
+    out["theta"] = (mean, ((w[..., None] * (c**2 + v**2)).sum((0, 1)) - mean**2).sqrt())
+    return out
+
+
+def test_resampling_weighs_the_globals_with_members_integrated_out_and_fixes_a_narrow_guide():
+    from pyroflows import importance_resample
+
+    pyro.set_rng_seed(0)
+    sigma, y = data(40)
+    exact = grid_posterior(sigma, y)
+    guide = AutoFlowGuide(model, num_layers=0, local_plates=["groups"]).setup(sigma, y, None)
+    with torch.no_grad():  # q(mu, log tau): centred, but 3 times too narrow
+        guide.loc.copy_(torch.stack([exact["mu"][0], exact["log_tau"][0]]).float())
+        sd = torch.stack([exact["mu"][1], exact["log_tau"][1]]).float() / 3
+        guide.scale_raw.copy_(sd.expm1().log())
+    narrow = guide.sample_posterior(2000)["tau"].std()
+    assert abs(float((narrow / exact["tau"][1]).log())) > 0.5
+    out = importance_resample(model, guide, sigma, y, None, num_samples=2000, seed=0)
+    ess = out.ess
+    assert ess > 300
+    for name in ("mu", "tau"):
+        mean, sd = exact[name]
+        draws = out.samples[name].double()
+        assert abs(draws.mean() - mean) < 4 * sd / ess**0.5, name
+        assert abs(float((draws.std() / sd).log())) < 0.15, name
+    theta = out.samples["theta"].double()
+    assert theta.shape == (2000, 40)
+    z = (theta.mean(0) - exact["theta"][0]) / (exact["theta"][1] / ess**0.5)
+    assert z.abs().max() < 4.5
+    assert out.to_inference_data().posterior["theta"].shape == (1, 2000, 40)
+    with pytest.raises(ValueError, match=r"subsampled.*weighting the globals needs every member"):
+        importance_resample(model, guide, sigma, y, 10, num_samples=10)

@@ -1,0 +1,123 @@
+r"""Importance resampling for a guide with local latents: the globals weighted with each
+member integrated out, then each member's locals resampled among its own draws.
+
+Joint weights ``p(x, z) / q(z)`` over the globals and every member degenerate as members are
+added, whatever the guide (``globals_diagnostic``). Here, for each of ``S`` globals draws
+``g_s`` (half from the guide, half from a heavy-tailed version of it: a defensive
+mixture), every member ``i`` gets ``K`` draws ``u_ik ~ q(u_i | g_s)`` and weights
+``w_ik = p(y_i, u_ik | g_s) / q(u_ik | g_s)``; the globals' weight is
+``p(g_s) prod_i mean_k w_ik / q_mix(g_s)`` (unbiased for the marginal ``p(g_s, y) / q_mix(g_s)``), and
+member ``i``'s locals are one ``u_ik`` picked with probability ``w_ik / sum_k w_ik``. Globals
+drawn by their Pareto-smoothed weights, each with its picked locals, are nested
+importance-sampling draws of the joint posterior: exact as ``S`` and ``K`` grow, and good
+where ``q(globals)`` covers the globals' posterior (its k-hat says so) and each member's
+conditional is close to its exact one (``AutoFlowGuide(..., local_prior="model")``).
+
+Example:
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> from pyroflows import AutoFlowGuide
+    >>> def model(y):
+    ...     tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    ...     with pyro.plate("groups", len(y)):
+    ...         theta = pyro.sample("theta", dist.Normal(0.0, tau))
+    ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
+    >>> y = torch.zeros(20)
+    >>> guide = AutoFlowGuide(model, local_plates=["groups"], local_prior="model")
+    >>> samples, result, index = resample_members(model, guide, (y,), {}, num_samples=100)
+    >>> samples["theta"].shape, result.num_samples
+    (torch.Size([100, 20]), 100)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor
+
+from .objectives import MemberImportanceELBO
+from .psis import PSISResult
+from .subsampling import SubsampledModel, subsampled_plate
+
+__all__ = ["heavy_tailed", "resample_members"]
+
+# Half the globals draws come from the guide with a Student-t base, 2 degrees of freedom,
+# 3 times as wide: a global scale's posterior often keeps mass near zero, a long tail in log
+# space that a reverse-KL fit misses (benchmarks/RESULTS.md, "Local latents": the guide
+# alone left the scale's sd 0.17-0.18 too small in log, a Normal base twice as wide 0.09-0.1,
+# this one 0.03-0.04).
+HEAVY_TAIL_DF, HEAVY_TAIL_SCALE = 2.0, 3.0
+
+
+@torch.no_grad()
+def resample_members(
+    model,
+    guide,
+    args,
+    kwargs,
+    num_samples: int = 4000,
+    num_draws: int | None = None,
+    member_draws: int = 16,
+    seed: int | None = None,
+) -> tuple[dict[str, Tensor], PSISResult, Tensor]:
+    """``(samples, diagnostic, index)``: ``num_draws`` (default ``num_samples``) draws of
+    the globals and every member, resampled from ``num_samples`` weighted globals draws
+    (see the module docstring); ``diagnostic`` is the globals' PSIS, ``index`` which
+    globals draw each sample is. The model must see every member (full data)."""
+    if getattr(guide, "prototype_trace", None) is None:
+        guide.setup(*args, **kwargs)
+    why = subsampled_plate(model, guide, args, kwargs)
+    if why:
+        raise SubsampledModel(
+            f"importance_resample: {why}; weighting the globals needs every member. Call it "
+            "with arguments under which the plate is whole (e.g. subsample_size=None)"
+        )
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    bound = MemberImportanceELBO(num_particles=member_draws)
+    log_w, latents, picked = [], [], {site.name: [] for site in guide.locals.sites}
+    guide_q, heavy = guide.get_posterior(), heavy_tailed(guide)
+    for s in range(num_samples):
+        latent = (heavy if s % 2 else guide_q).sample()
+        value, trace, members = bound.weigh(model, guide, args, kwargs, latent)
+        # the bound weighs by q(g); the draws come from the defensive mixture
+        q, q_heavy = guide_q.log_prob(latent), heavy.log_prob(latent)
+        value = value + q - (torch.logaddexp(q, q_heavy) - math.log(2))
+        # a tail draw can overflow the model (e.g. exp of a huge log scale): its density
+        # there is effectively zero, so is its weight, and its members are never picked
+        finite = bool(torch.isfinite(value)) and bool(torch.isfinite(members).all())
+        log_w.append(value if finite else value.new_tensor(-math.inf))
+        latents.append(latent.reshape(-1))
+        members = members if finite else torch.zeros_like(members)
+        choice = torch.multinomial(members.T.softmax(-1).cpu(), 1, generator=generator)[:, 0]
+        for site in guide.locals.sites:
+            picked[site.name].append(_pick(site, trace.nodes[site.name]["value"], choice))
+    result = PSISResult.from_log_weights(torch.stack(log_w))
+    count = num_draws or num_samples
+    index = torch.multinomial(
+        result.log_weights.exp(), count, replacement=True, generator=generator
+    )
+    samples = guide.latent_to_sites(torch.stack(latents)[index])
+    for name, values in picked.items():
+        samples[name] = torch.stack(values)[index]
+    return samples, result, index
+
+
+def heavy_tailed(guide, df: float = HEAVY_TAIL_DF, scale: float = HEAVY_TAIL_SCALE):
+    """The guide's globals posterior with a Student-t base (``df`` degrees of freedom,
+    ``scale`` times as wide): the same shape, far heavier tails."""
+    posterior = guide.get_posterior()
+    zeros = torch.zeros(guide.latent_dim, dtype=guide.loc.dtype, device=guide.loc.device)
+    base = dist.StudentT(df, zeros, torch.full_like(zeros, scale)).to_event(1)
+    return dist.TransformedDistribution(base, posterior.transforms)
+
+
+def _pick(site, value: Tensor, choice: Tensor) -> Tensor:
+    """Member ``i``'s draw number ``choice[i]`` of ``K`` (``value``'s leading dimension)."""
+    dims = site.batch_ndim + site.event_dim
+    value = value.reshape(value.shape[0], *value.shape[value.dim() - dims :])
+    (local,) = site.local_dims
+    shape = [1] * value.dim()
+    shape[1 + local] = -1
+    index = choice.to(value.device).reshape(shape).expand(1, *value.shape[1:])
+    return value.gather(0, index)[0]
