@@ -6,7 +6,7 @@ added, whatever the guide (``globals_diagnostic``). Here, for each of ``S`` glob
 ``g_s`` (half from the guide, half from a heavy-tailed version of it: a defensive
 mixture), every member ``i`` gets ``K`` draws ``u_ik ~ q(u_i | g_s)`` and weights
 ``w_ik = p(y_i, u_ik | g_s) / q(u_ik | g_s)``; the globals' weight is
-``p(g_s) prod_i mean_k w_ik / q_mix(g_s)`` (unbiased for the marginal ``p(g_s, y) / q_mix(g_s)``), and
+``p(g_s) prod_i mean_k w_ik / q_mix(g_s)`` (unbiased for ``p(g_s, y) / q_mix(g_s)``), and
 member ``i``'s locals are one ``u_ik`` picked with probability ``w_ik / sum_k w_ik``. Globals
 drawn by their Pareto-smoothed weights, each with its picked locals, are nested
 importance-sampling draws of the joint posterior: exact as ``S`` and ``K`` grow, and good
@@ -31,10 +31,12 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro.distributions as dist
 import torch
 from torch import Tensor
+from torch.distributions import biject_to
 
 from .objectives import MemberImportanceELBO
 from .psis import PSISResult
@@ -48,6 +50,7 @@ __all__ = ["heavy_tailed", "resample_members"]
 # alone left the scale's sd 0.17-0.18 too small in log, a Normal base twice as wide 0.09-0.1,
 # this one 0.03-0.04).
 HEAVY_TAIL_DF, HEAVY_TAIL_SCALE = 2.0, 3.0
+RESOLUTION_STEPS = 1000  # see _collapsed
 
 
 @torch.no_grad()
@@ -79,19 +82,34 @@ def resample_members(
     guide_q, heavy = guide.get_posterior(), heavy_tailed(guide)
     for s in range(num_samples):
         latent = (heavy if s % 2 else guide_q).sample()
-        value, trace, members = bound.weigh(model, guide, args, kwargs, latent)
+        if not _representable(guide, latent):  # a tail draw beyond float (a scale of 0)
+            log_w.append(latent.new_tensor(-math.inf))
+            latents.append(latent.reshape(-1))
+            for site in guide.locals.sites:
+                picked[site.name].append(None)  # never resampled (weight zero)
+            continue
+        with warnings.catch_warnings():  # non-finite draws are handled below, not hidden
+            warnings.filterwarnings("ignore", message="Encountered NaN")
+            value, trace, members = bound.weigh(model, guide, args, kwargs, latent)
         # the bound weighs by q(g); the draws come from the defensive mixture
         q, q_heavy = guide_q.log_prob(latent), heavy.log_prob(latent)
         value = value + q - (torch.logaddexp(q, q_heavy) - math.log(2))
-        # a tail draw can overflow the model (e.g. exp of a huge log scale): its density
-        # there is effectively zero, so is its weight, and its members are never picked
+        # a tail draw can overflow the model (e.g. exp of a huge log scale) or collapse the
+        # members' draws (a tiny one): its weight there is zero, its members never picked
         finite = bool(torch.isfinite(value)) and bool(torch.isfinite(members).all())
+        finite = finite and not _collapsed(guide, trace)
         log_w.append(value if finite else value.new_tensor(-math.inf))
         latents.append(latent.reshape(-1))
         members = members if finite else torch.zeros_like(members)
         choice = torch.multinomial(members.T.softmax(-1).cpu(), 1, generator=generator)[:, 0]
         for site in guide.locals.sites:
             picked[site.name].append(_pick(site, trace.nodes[site.name]["value"], choice))
+    if all(math.isinf(float(w)) for w in log_w):
+        raise ValueError(
+            "importance_resample: every globals draw was outside the model's support, had a "
+            "non-finite density there, or rounded its members' draws onto a few values (a "
+            "local scale below float resolution); the guide is far from the posterior"
+        )
     result = PSISResult.from_log_weights(torch.stack(log_w))
     count = num_draws or num_samples
     index = torch.multinomial(
@@ -99,8 +117,34 @@ def resample_members(
     )
     samples = guide.latent_to_sites(torch.stack(latents)[index])
     for name, values in picked.items():
+        like = next(value for value in values if value is not None)
+        values = [torch.zeros_like(like) if value is None else value for value in values]
         samples[name] = torch.stack(values)[index]
     return samples, result, index
+
+
+def _collapsed(guide, trace) -> bool:
+    """Some member's draws spread less than a thousand floating-point steps of their value:
+    its local scale is near the float resolution of its location (a global scale far in the
+    tail), its draws are rounded onto a few values and its weight is a rounding artefact."""
+    for site in guide.locals.sites:
+        value = trace.nodes[site.name]["value"]
+        resolution = torch.finfo(value.dtype).eps * value.abs().mean(0)
+        if bool((value.std(0) < RESOLUTION_STEPS * resolution).any()):
+            return True
+    return False
+
+
+def _representable(guide, latent: Tensor) -> bool:
+    """Every global's constrained value maps back to its unconstrained one (the exp of a
+    log scale far in the tail is 0 or inf in floating point: the model cannot use it)."""
+    values = guide.latent_to_sites(latent[None])
+    back = [
+        biject_to(site["fn"].support).inv(values[name]).reshape(-1)
+        for name, site in guide.prototype_trace.iter_stochastic_nodes()
+    ]
+    back = torch.cat(back)
+    return bool(torch.isfinite(back).all()) and torch.allclose(back, latent, rtol=1e-4, atol=1e-4)
 
 
 def heavy_tailed(guide, df: float = HEAVY_TAIL_DF, scale: float = HEAVY_TAIL_SCALE):

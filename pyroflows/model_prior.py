@@ -158,11 +158,12 @@ def start_members(model, args, kwargs, values, indices, sites, members) -> dict:
         priors = {site.name: gaussian_prior(trace.nodes[site.name]["fn"]) for site in sites}
         return total, priors
 
+    largest = math.inf  # the largest move of the last Newton step
     for step in range(NEWTON_STEPS + 1):  # the last pass: the curvature at the mode
         total, priors = log_joint()
         grads = torch.autograd.grad(total, list(u.values()), create_graph=True)
         curvature = _diagonal_hessian(grads, list(u.values()), sites)
-        if step == NEWTON_STEPS or (step > 0 and largest < NEWTON_TOLERANCE):
+        if step == NEWTON_STEPS or largest < NEWTON_TOLERANCE:
             break
         largest = 0.0
         with torch.no_grad():

@@ -161,3 +161,18 @@ def test_resampling_weighs_the_globals_with_members_integrated_out_and_fixes_a_n
     assert out.to_inference_data().posterior["theta"].shape == (1, 2000, 40)
     with pytest.raises(ValueError, match=r"subsampled.*weighting the globals needs every member"):
         importance_resample(model, guide, sigma, y, 10, num_samples=10)
+
+
+def test_a_globals_draw_that_rounds_its_members_draws_gets_no_weight():
+    # tau = e^-19 at mu = 5: every theta_i's draws fall on a few float32 values around mu,
+    # where the model's density is e^18 per member: a weight of rounding, not of the model
+    from pyroflows.member_resample import resample_members
+
+    pyro.set_rng_seed(0)
+    sigma, y = data(40)
+    guide = AutoFlowGuide(model, num_layers=0, local_plates=["groups"]).setup(sigma, y, None)
+    with torch.no_grad():
+        guide.loc.copy_(torch.tensor([5.0, -19.0]))
+        guide.scale_raw.fill_(-9.0)  # softplus: 1e-4, nearly a point
+    with pytest.raises(ValueError, match="rounded its members' draws"):
+        resample_members(model, guide, (sigma, y, None), {}, num_samples=20)
