@@ -90,6 +90,12 @@ def guide_factories(dim: int) -> dict:
 # They are scored on the draws a user would use: the guide's own, or ``importance_resample``'s.
 VARIANTS = {
     "AutoFlowGuide + importance_resample": ("AutoFlowGuide", {}, True),
+    # the schools as local latents; resampled with each member integrated out
+    "AutoFlowGuide local_plates=['J'] + importance_resample": (
+        "AutoFlowGuide local_plates=['J']",
+        {},
+        True,
+    ),
     # Pyro's general path instead of fit's compiled step (benchmarks.cost --convergence)
     "AutoFlowGuide fast=False": ("AutoFlowGuide", {"fast": False}, False),
     "AutoFlowGuide loss='dreg' K=8": ("AutoFlowGuide", {"loss": "dreg", "num_particles": 8}, False),

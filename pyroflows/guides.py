@@ -163,6 +163,7 @@ class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
         check_choice("local_prior", local_prior, ("learned", "model"))
         validate_flow_spec(flow)
         super().__init__(model, init_loc_fn=init_loc_fn)
+        self._user_model = (model,)  # without Pyro's init handler: run inside the guide
         self.create_plates = create_plates
         self._pyro_name = claim_param_name(name, type(self).__name__, self)
         self._flow_spec = flow
@@ -423,10 +424,11 @@ class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
         if not self._store_checked:
             self._check_param_store()
         result = super().forward(*args, **kwargs)
-        if self.locals is not None:
+        local_latents = self.locals
+        if local_latents is not None:
             g = self._globals_draw
             run = self._model_runner(result, args, kwargs)
-            result.update(self.locals.sample(g, self._standardised(g), self.plates, run))
+            result.update(local_latents.sample(g, self._standardised(g), self.plates, run))
         return result
 
     def _check_param_store(self):

@@ -324,9 +324,8 @@ class _Run:
         return {n: v for n, v in values.items() if probe.sites[n].kind == "deterministic"}
 
     def weigh(self, stage: Stage) -> None:
-        """Importance-resample the guide's draws and judge them on the guide's own weights
-        (moment matching lowers k-hat on the very draws it judges: it only improves a
-        rejected answer); keep the best answer."""
+        """Importance-resample the guide's draws, judged on its own weights (moment matching
+        lowers k-hat on the draws it judges: it only improves a rejected answer)."""
         began = time.perf_counter()
         proposals = self.proposals()
         out = self.resample(proposals, adapt=False)
@@ -346,6 +345,7 @@ class _Run:
             stage.outcome += f" (below the {self.min_ess} needed)"
         diagnostics = {"k_hat": d.k_hat, "ess": d.ess, "proposals": d.num_samples}
         label = f"PSIS-resampled guide draws ({stage.name}), k-hat {d.k_hat:.2f}, ESS {d.ess:.0f}"
+        label += "; globals weighted, members integrated out" if self.guide.local_sites else ""
         if not stage.accepted and self.left() > 3 * (time.perf_counter() - began):
             adapted = self.resample(proposals)  # moment matching: a better approximate answer
             if adapted.num_adaptations:

@@ -36,11 +36,19 @@ class LocalLatentsGuide:
         """The names of the local latent sites (``pyroflows.locals``), in model order."""
         return () if self.locals is None else tuple(site.name for site in self.locals.sites)
 
+    @property
+    def user_model(self):
+        """The model as given (``self.model`` is wrapped in Pyro's init handler, which would
+        draw an initial value at every site of every run)."""
+        return getattr(self, "_user_model", (self.model,))[0]
+
     def _model_runner(self, values, args, kwargs):
         if getattr(self, "local_prior", "learned") == "learned":
             return None
+        # (read once: attribute reads through PyroModule cost tenths of a millisecond)
+        model, names = self.user_model, self.local_sites
         return lambda indices, draw: run_to_locals(
-            self.model, args, kwargs, values, indices, draw, self.local_sites
+            model, args, kwargs, values, indices, draw, names
         )
 
     def _standardised(self, latent: Tensor) -> Tensor:
@@ -105,4 +113,4 @@ class LocalLatentsGuide:
         _, values = self._global_values(self.loc.detach()[None])
         values = {name: value[0] for name, value in values.items()}
         chunks = self._member_chunks(args, kwargs, self.loc.device)
-        start_all_members(self.locals, self.model, args, kwargs, values, chunks)
+        start_all_members(self.locals, self.user_model, args, kwargs, values, chunks)

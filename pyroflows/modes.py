@@ -277,8 +277,13 @@ def check_modes(
         >>> len(check.missed), round(float((check.mixture.samples["x"] < 0).double().mean()), 1)
         (1, 0.5)
     """
+    why = None
     if any(enumerated(site) for site in guide.prototype_trace.nodes.values()):
-        search = ModeSearch([], 0, 0, 0.0, ["the model has enumerated discrete sites"])
+        why = "the model has enumerated discrete sites"
+    elif getattr(guide, "local_sites", ()):
+        why = "local latents: the search runs in the flow's vector, which holds the globals"
+    if why:
+        search = ModeSearch([], 0, 0, 0.0, [why])
         return ModeCheck(search, [], None, "", search.describe())
     with torch.no_grad():
         u = guide.get_posterior().sample((answer.draws.num_samples,))

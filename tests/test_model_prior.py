@@ -176,3 +176,19 @@ def test_a_globals_draw_that_rounds_its_members_draws_gets_no_weight():
         guide.scale_raw.fill_(-9.0)  # softplus: 1e-4, nearly a point
     with pytest.raises(ValueError, match="rounded its members' draws"):
         resample_members(model, guide, (sigma, y, None), {}, num_samples=20)
+
+
+@pytest.mark.slow  # about 30 s: 4,000 globals draws, each with 16 draws of every member
+def test_infer_on_a_full_data_hierarchy_with_local_plates_resamples_the_globals():
+    from pyroflows import infer
+
+    sigma, y = data(40)
+    exact = grid_posterior(sigma, y)
+    guide = AutoFlowGuide(model, local_plates=["groups"])
+    posterior = infer(model, sigma, y, None, guide=guide, num_samples=2000, seed=0, progress=False)
+    assert "members integrated out" in posterior.route.label
+    ess = posterior.diagnostics["ess"]
+    for name in ("mu", "tau"):
+        mean, sd = exact[name]
+        assert abs(posterior.samples[name].double().mean() - mean) < 4 * sd / ess**0.5, name
+    assert posterior.samples["theta"].shape == (2000, 40)
