@@ -59,7 +59,12 @@ from .sites import (
     unconstrained_energy,
     unpack_with_log_det,
 )
-from .state import check_entries, check_same_architecture, read_saved_state
+from .state import (
+    check_entries,
+    check_local_prior,
+    check_same_architecture,
+    read_saved_state,
+)
 from .subsampling import check_subsampling
 
 __all__ = ["AutoFlowGuide", "init_to_median"]
@@ -516,6 +521,7 @@ class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
             "architecture": self.architecture,
             "flow": repr(self.flow) if hasattr(self, "flow") else None,
             "locals": self.locals.describe() if self.locals is not None else [],
+            "local_prior": self.local_prior if self.locals is not None else None,
         }
 
     def set_extra_state(self, state):
@@ -549,6 +555,8 @@ class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
                 sites = [LocalSite(*key) for key in state["locals"]]
                 self.locals = LocalLatents(sites, self.latent_dim, None, 1.0, zeros)
         check_local_sites(self.locals, state.get("locals", []))
+        if state.get("locals"):  # (states saved before the model's prior learned it)
+            check_local_prior(state.get("local_prior", "learned"), self.local_prior)
         check_same_architecture(state, repr(self.flow), self.architecture, self.full_rank)
         check_entries(state_dict, self.state_dict(prefix=prefix), prefix)
         # The buffers (center, precond) are loaded either way; whether they are used is the

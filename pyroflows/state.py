@@ -15,6 +15,7 @@ from .sites import Layout
 __all__ = [
     "architecture_difference",
     "check_entries",
+    "check_local_prior",
     "check_same_architecture",
     "read_saved_state",
 ]
@@ -46,6 +47,17 @@ def check_same_architecture(state: dict, flow: str, architecture: dict, full_ran
         raise ValueError(
             f"the state dict is from a guide with a {kinds[0]} affine, this one is "
             f"{kinds[1]}; pass affine='{kinds[0]}' to match"
+        )
+
+
+def check_local_prior(saved: str, current: str) -> None:
+    """A state's local latents must be read with the prior they were trained with: a member's
+    parameters are the likelihood's share under the model's prior, not under a learned one."""
+    if saved != current:
+        raise ValueError(
+            f"AutoFlowGuide: the state dict's local latents were trained with "
+            f"local_prior={saved!r}, this guide has local_prior={current!r}; their members' "
+            f"parameters mean different things. Pass local_prior={saved!r}"
         )
 
 

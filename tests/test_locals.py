@@ -184,6 +184,9 @@ def test_save_and_load_keep_every_member_and_refuse_another_model():
     with pytest.raises(ValueError, match="local latents differ"):
         other.load_state_dict(state)
         other.setup(*data(n=N + 1), 10)
+    learned = AutoFlowGuide(hierarchical, local_prior="learned")
+    with pytest.raises(ValueError, match="local_prior='model', this guide has local_prior="):
+        learned.load_state_dict(state)
 
 
 def test_a_full_plate_declared_local_and_nested_and_constrained_locals():
