@@ -10,6 +10,7 @@ fewer steps.
 """
 
 import os
+import sys
 
 import pyro
 import pyro.distributions as dist
@@ -52,8 +53,14 @@ def main():
     if rank == 0:
         print(result.summary())
         print("posterior median of w:", guide.median()["w"])
+    torch.distributed.barrier()  # every rank done before the group is torn down
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # After a clean shutdown, gloo's threads can still abort the interpreter's finalisation
+    # ("terminate called without an active exception", about 1 run in 15 with torch 2.13;
+    # pytorch/pytorch#179291): everything is done and printed, so leave without it.
+    sys.stdout.flush()
+    os._exit(0)
