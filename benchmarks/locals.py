@@ -131,7 +131,7 @@ def run_guide(name: str, seed: int, sigma, y) -> tuple[dict, float, str]:
     options = {}
     if name.startswith("AutoFlowGuide"):
         guide = AutoFlowGuide(model, local_prior="learned" if LEARNED in name else "model")
-        if name == MEMBER_BOUND:
+        if name in (MEMBER_BOUND, MODEL_BOUND):
             options = {"loss": "iwae", "num_particles": 16}
     elif name == "AutoGuideList (flow + AutoNormal)":
         guide = AutoGuideList(model)
@@ -163,9 +163,11 @@ def run_guide(name: str, seed: int, sigma, y) -> tuple[dict, float, str]:
 LEARNED = "AutoFlowGuide, local_prior='learned'"
 MEMBER_BOUND = f"{LEARNED}, loss='iwae', num_particles=16 (the bound member by member)"
 RESAMPLED = "AutoFlowGuide + importance_resample (the globals weighted on the full data)"
+MODEL_BOUND = "AutoFlowGuide, loss='iwae', num_particles=16 (the bound member by member)"
 GUIDES = (
     "AutoFlowGuide",
     RESAMPLED,
+    MODEL_BOUND,
     LEARNED,
     MEMBER_BOUND,
     "AutoGuideList (flow + AutoNormal)",
