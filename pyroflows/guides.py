@@ -432,7 +432,7 @@ class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
         local_latents = self.locals
         if local_latents is not None:
             g = self._globals_draw
-            run = self._model_runner(result, args, kwargs)
+            run = self._model_runner(result, args, kwargs, local_latents)
             result.update(local_latents.sample(g, self._standardised(g), self.plates, run))
         return result
 

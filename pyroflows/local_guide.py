@@ -42,11 +42,12 @@ class LocalLatentsGuide:
         draw an initial value at every site of every run)."""
         return getattr(self, "_user_model", (self.model,))[0]
 
-    def _model_runner(self, values, args, kwargs):
+    def _model_runner(self, values, args, kwargs, local_latents):
         if getattr(self, "local_prior", "learned") == "learned":
             return None
-        # (read once: attribute reads through PyroModule cost tenths of a millisecond)
-        model, names = self.user_model, self.local_sites
+        # (``local_latents`` passed in: reading it through PyroModule inside a trace cost
+        # 0.3 ms a step, 8% of it)
+        model, names = self.user_model, local_latents.names
         return lambda indices, draw: run_to_locals(
             model, args, kwargs, values, indices, draw, names
         )
@@ -84,7 +85,7 @@ class LocalLatentsGuide:
         args, kwargs = (args, kwargs) if args or kwargs else self._model_arguments
         chunks = self._member_chunks(args, kwargs, latent.device)
         batched, values = self._global_values(latent)
-        run = self._model_runner(values, args, kwargs)
+        run = self._model_runner(values, args, kwargs, self.locals)
         return draw_members(self.locals, batched, self._standardised(batched), run, chunks)
 
     def _member_chunks(self, args, kwargs, device) -> dict:
