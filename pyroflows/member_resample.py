@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.distributions import biject_to
 
-from .objectives import MemberImportanceELBO
+from .member_bound import MemberImportanceELBO
 from .psis import PSISResult
 from .subsampling import SubsampledModel, subsampled_plate
 
@@ -51,6 +51,7 @@ __all__ = ["heavy_tailed", "resample_members"]
 # this one 0.03-0.04).
 HEAVY_TAIL_DF, HEAVY_TAIL_SCALE = 2.0, 3.0
 RESOLUTION_STEPS = 1000  # see _collapsed
+BATCH = 64  # globals draws weighed in one run of the guide and the model
 
 
 @torch.no_grad()
@@ -80,30 +81,32 @@ def resample_members(
     bound = MemberImportanceELBO(num_particles=member_draws)
     log_w, latents, picked = [], [], {site.name: [] for site in guide.locals.sites}
     guide_q, heavy = guide.get_posterior(), heavy_tailed(guide)
-    for s in range(num_samples):
-        latent = (heavy if s % 2 else guide_q).sample()
-        if not _representable(guide, latent):  # a tail draw beyond float (a scale of 0)
-            log_w.append(latent.new_tensor(-math.inf))
-            latents.append(latent.reshape(-1))
-            for site in guide.locals.sites:
-                picked[site.name].append(None)  # never resampled (weight zero)
-            continue
+    for start in range(0, num_samples, BATCH):
+        count = min(BATCH, num_samples - start)
+        batch = torch.cat([guide_q.sample((count - count // 2,)), heavy.sample((count // 2,))])
+        # a tail draw beyond float (a scale of 0) is weighed zero; the trace gets a stand-in
+        ok = _representable(guide, batch)
+        safe = torch.where(ok[:, None], batch, guide.loc.detach())
         with warnings.catch_warnings():  # non-finite draws are handled below, not hidden
             warnings.filterwarnings("ignore", message="Encountered NaN")
-            value, trace, members = bound.weigh(model, guide, args, kwargs, latent)
+            values, trace, members = bound.weigh_many(model, guide, args, kwargs, safe)
         # the bound weighs by q(g); the draws come from the defensive mixture
-        q, q_heavy = guide_q.log_prob(latent), heavy.log_prob(latent)
-        value = value + q - (torch.logaddexp(q, q_heavy) - math.log(2))
-        # a tail draw can overflow the model (e.g. exp of a huge log scale) or collapse the
-        # members' draws (a tiny one): its weight there is zero, its members never picked
-        finite = bool(torch.isfinite(value)) and bool(torch.isfinite(members).all())
-        finite = finite and not _collapsed(guide, trace)
-        log_w.append(value if finite else value.new_tensor(-math.inf))
-        latents.append(latent.reshape(-1))
-        members = members if finite else torch.zeros_like(members)
-        choice = torch.multinomial(members.T.softmax(-1).cpu(), 1, generator=generator)[:, 0]
-        for site in guide.locals.sites:
-            picked[site.name].append(_pick(site, trace.nodes[site.name]["value"], choice))
+        q, q_heavy = guide_q.log_prob(safe), heavy.log_prob(safe)
+        values = values + q - (torch.logaddexp(q, q_heavy) - math.log(2))
+        dim = -(bound.max_plate_nesting + 2)  # the globals draws' plate
+        for i in range(count):
+            local = {site.name: _draw_of(site, trace, dim, i) for site in guide.locals.sites}
+            # a tail draw can overflow the model (e.g. exp of a huge log scale) or collapse
+            # the members' draws (a tiny one): its weight is zero, its members never picked
+            finite = bool(ok[i]) and bool(torch.isfinite(values[i]))
+            finite = finite and bool(torch.isfinite(members[i]).all())
+            finite = finite and not _collapsed(guide, local)
+            log_w.append(values[i] if finite else values.new_tensor(-math.inf))
+            latents.append(batch[i])
+            weights = members[i] if finite else torch.zeros_like(members[i])
+            choice = torch.multinomial(weights.T.softmax(-1).cpu(), 1, generator=generator)[:, 0]
+            for site in guide.locals.sites:
+                picked[site.name].append(_pick(site, local[site.name], choice))
     if all(math.isinf(float(w)) for w in log_w):
         raise ValueError(
             "importance_resample: every globals draw was outside the model's support, had a "
@@ -123,28 +126,36 @@ def resample_members(
     return samples, result, index
 
 
-def _collapsed(guide, trace) -> bool:
+def _collapsed(guide, values: dict) -> bool:
     """Some member's draws spread less than a thousand floating-point steps of their value:
     its local scale is near the float resolution of its location (a global scale far in the
     tail), its draws are rounded onto a few values and its weight is a rounding artefact."""
     for site in guide.locals.sites:
-        value = trace.nodes[site.name]["value"]
+        value = values[site.name]
         resolution = torch.finfo(value.dtype).eps * value.abs().mean(0)
         if bool((value.std(0) < RESOLUTION_STEPS * resolution).any()):
             return True
     return False
 
 
-def _representable(guide, latent: Tensor) -> bool:
-    """Every global's constrained value maps back to its unconstrained one (the exp of a
-    log scale far in the tail is 0 or inf in floating point: the model cannot use it)."""
-    values = guide.latent_to_sites(latent[None])
+def _draw_of(site, trace, dim: int, i: int) -> Tensor:
+    """Globals draw ``i``'s values of a local site (its ``K`` draws of every member)."""
+    value = trace.nodes[site.name]["value"]
+    position = value.dim() + dim - site.event_dim
+    return value.select(position, i) if position >= 0 else value
+
+
+def _representable(guide, latents: Tensor) -> Tensor:
+    """Per draw: every global's constrained value maps back to its unconstrained one (the exp
+    of a log scale far in the tail is 0 or inf in floating point: the model cannot use it)."""
+    values = guide.latent_to_sites(latents)
     back = [
-        biject_to(site["fn"].support).inv(values[name]).reshape(-1)
+        biject_to(site["fn"].support).inv(values[name]).reshape(len(latents), -1)
         for name, site in guide.prototype_trace.iter_stochastic_nodes()
     ]
-    back = torch.cat(back)
-    return bool(torch.isfinite(back).all()) and torch.allclose(back, latent, rtol=1e-4, atol=1e-4)
+    back = torch.cat(back, dim=-1)
+    close = torch.isclose(back, latents, rtol=1e-4, atol=1e-4) & torch.isfinite(back)
+    return close.all(-1)
 
 
 def heavy_tailed(guide, df: float = HEAVY_TAIL_DF, scale: float = HEAVY_TAIL_SCALE):

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import math
 
-import pyro
 import torch
-from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_identically_zero
-from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 
 from .draws import sum_per_draw
-from .locals import MEMBER_DRAWS, member_draws
+from .member_bound import MemberImportanceELBO
 from .scoring import scoring
 
 __all__ = ["FlowELBO", "ImportanceWeightedELBO", "MemberImportanceELBO"]
@@ -176,155 +173,6 @@ class FlowELBO(_PlateNesting, Trace_ELBO):
             loss = loss - elbo.detach() / self.num_particles
             surrogate = surrogate - surrogate_elbo / self.num_particles
         return loss, surrogate
-
-
-class MemberImportanceELBO(ELBO):
-    r"""The importance-weighted bound member by member, for a guide with local latents.
-
-    With one draw ``g`` of the globals and ``K = num_particles`` draws ``u_ik`` of each
-    minibatch member's locals given it, the bound is::
-
-        log p(g) - log q(g)
-            + (N / B) sum_{i in batch} log (1/K) sum_k p(y_i, u_ik | g) / q(u_ik | g)
-
-    (the model's terms in member ``i``'s plate over the guide's). It is a lower bound on
-    ``log p(y)`` for every ``K``, the ELBO at ``K = 1``, tighter as ``K`` grows, and a
-    minibatch's value is unbiased for the full-data one, so it trains with subsampling where
-    the whole-draw bound (``ImportanceWeightedELBO``) cannot. What it changes: the ELBO
-    charges ``q(globals)`` every member's conditional KL, so ``q(globals)`` shrinks to where
-    the conditionals are already right (``benchmarks/RESULTS.md``, "Local latents: the trap,
-    and the bound member by member"); here each member's cost is the smaller gap of its own K-draw
-    estimate of ``log p(y_i | g)``. Gradients are the standard IWAE ones. ``fit(...,
-    loss="iwae", num_particles=K)`` uses it for a guide with local latents.
-
-    The model must broadcast over one more plate left of its own (as for vectorised
-    particles), keep every term that depends on a member's locals inside the member's plate,
-    and have its local latents in one local plate.
-
-    Example:
-        >>> import pyro, pyro.distributions as dist
-        >>> from pyroflows import AutoFlowGuide
-        >>> def model():
-        ...     tau = pyro.sample("tau", dist.HalfNormal(1.0))
-        ...     with pyro.plate("groups", 50, subsample_size=10):
-        ...         theta = pyro.sample("theta", dist.Normal(0.0, tau))
-        ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=torch.zeros(10))
-        >>> guide = AutoFlowGuide(model)
-        >>> loss = MemberImportanceELBO(num_particles=8).loss(model, guide)
-        >>> bool(loss > 0)
-        True
-    """
-
-    def __init__(self, num_particles: int = 16, max_plate_nesting=float("inf")):
-        if num_particles < 1:
-            raise ValueError(f"num_particles must be at least 1, got {num_particles}")
-        super().__init__(num_particles=1, max_plate_nesting=max_plate_nesting)
-        self.member_particles = num_particles
-
-    def _get_trace(self, model, guide, args, kwargs):
-        raise NotImplementedError("MemberImportanceELBO draws its own traces (bound)")
-
-    def bound(self, model, guide, args, kwargs) -> torch.Tensor:
-        """The bound for one globals draw, as a tensor with its gradient."""
-        return self.weigh(model, guide, args, kwargs)[0]
-
-    def weigh(self, model, guide, args, kwargs, latent=None):
-        """``(bound, guide_trace, member_log_weights)``: the bound for one globals draw (the
-        guide's, or its unconstrained ``latent`` where given), the guide's trace (the
-        globals and ``K`` draws of each member), and each draw's log weight
-        ``log p(y_i, u_ik | g) - log q(u_ik | g)``, ``(K, members)`` (``None`` without
-        members)."""
-        if getattr(guide, "prototype_trace", None) is None:
-            guide.setup(*args, **kwargs)
-        sites = getattr(guide, "locals", None)
-        plates = {site.local_plates for site in (sites.sites if sites is not None else [])}
-        if len(plates) != 1 or len(next(iter(plates))) != 1:
-            raise ValueError(
-                "MemberImportanceELBO: the guide's local latents must all be in one local "
-                f"plate (found {sorted(plates) or 'no local latents'})"
-            )
-        ((plate,),) = plates
-        if self.max_plate_nesting == float("inf"):
-            self._guess_max_plate_nesting(model, guide, args, kwargs)
-        k, dim = self.member_particles, -(self.max_plate_nesting + 1)
-        given = {} if latent is None else {guide.latent_site_name: latent}
-        with member_draws(guide.locals, k, dim):
-            guide_trace = poutine.trace(poutine.condition(guide, given)).get_trace(*args, **kwargs)
-        with pyro.plate(MEMBER_DRAWS, k, dim=dim):
-            replayed = poutine.replay(model, trace=guide_trace)
-            model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-        total, members, factor = 0.0, 0.0, None
-        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            trace.compute_log_prob()
-            for name, site in trace.nodes.items():
-                if site["type"] != "sample" or site_is_subsample(site):
-                    continue
-                _check_broadcast(name, site)
-                frame = next((f for f in site["cond_indep_stack"] if f.name == plate), None)
-                if frame is None:
-                    total = total + sign * _same_for_every_draw(name, site["log_prob"], dim)
-                    continue
-                factor = (frame.full_size or frame.size) / frame.size
-                per = _per_draw_and_member(site["log_prob"] / factor, dim, frame.dim)
-                members = members + sign * per
-        if factor is None:
-            return total, guide_trace, None
-        return total + factor * _log_mean_exp(members).sum(), guide_trace, members
-
-    def loss(self, model, guide, *args, **kwargs):
-        """The negative bound, without gradients."""
-        with torch.no_grad():
-            return -self.bound(model, guide, args, kwargs).item()
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        return -self.bound(model, guide, args, kwargs)
-
-    def loss_and_grads(self, model, guide, *args, **kwargs):
-        loss = -self.bound(model, guide, args, kwargs)
-        warn_if_nan(loss, "loss")
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        return loss.item()
-
-
-def _check_broadcast(name, site):
-    """Every dimension of a site's log-density longer than one must be one of its plates'
-    (a model that does not broadcast over the draws' plate puts them elsewhere)."""
-    dims = {frame.dim for frame in site["cond_indep_stack"] if frame.vectorized}
-    shape = torch.as_tensor(site["log_prob"]).shape
-    stray = [i - len(shape) for i, size in enumerate(shape) if size > 1]
-    stray = [d for d in stray if d not in dims]
-    if stray:
-        raise ValueError(
-            f"MemberImportanceELBO: at site {name!r} the log-density has shape "
-            f"{tuple(shape)}, whose dimension {stray[0]} is in no plate: the model must "
-            "broadcast over a plate left of its own (as for vectorised particles)"
-        )
-
-
-def _same_for_every_draw(name, log_prob, dim):
-    """A term outside the members' plate: the same for every draw of the members' locals,
-    or the model does not factorise over members and the bound would be wrong."""
-    per = _per_draw_and_member(log_prob, dim, None)[:, 0]
-    if per.shape[0] > 1 and not torch.allclose(per, per[:1].expand_as(per), rtol=1e-5, atol=1e-5):
-        raise ValueError(
-            f"MemberImportanceELBO: site {name!r} is outside the local plate but its "
-            "log-density changes with the members' locals; the member-by-member bound needs "
-            "every term that depends on a member's locals inside that member's plate"
-        )
-    return per.mean()
-
-
-def _per_draw_and_member(log_prob, draw_dim, member_dim):
-    """``(draws or 1, members or 1)``: summed over every other batch dimension."""
-    x = torch.as_tensor(log_prob)
-    n = max(x.dim(), -draw_dim)
-    x = x.reshape((1,) * (n - x.dim()) + tuple(x.shape))
-    keep = [n + draw_dim] + ([n + member_dim] if member_dim is not None else [])
-    other = [i for i in range(n) if i not in keep]
-    if other:
-        x = x.sum(other)
-    return x.reshape(x.shape[0], -1)
 
 
 def _log_prob_sum(trace):

@@ -178,7 +178,6 @@ def test_a_globals_draw_that_rounds_its_members_draws_gets_no_weight():
         resample_members(model, guide, (sigma, y, None), {}, num_samples=20)
 
 
-@pytest.mark.slow  # about 30 s: 4,000 globals draws, each with 16 draws of every member
 def test_infer_on_a_full_data_hierarchy_with_local_plates_resamples_the_globals():
     from pyroflows import infer
 
@@ -192,3 +191,31 @@ def test_infer_on_a_full_data_hierarchy_with_local_plates_resamples_the_globals(
         mean, sd = exact[name]
         assert abs(posterior.samples[name].double().mean() - mean) < 4 * sd / ess**0.5, name
     assert posterior.samples["theta"].shape == (2000, 40)
+
+
+def test_weighing_many_globals_draws_at_once_matches_one_at_a_time():
+    # with the exact conditional (the model's prior, members started at their likelihoods)
+    # a member's K weights are equal, so each globals draw's bound is deterministic:
+    # log p(g, y) - log q(g) on the unconstrained scale, whether weighed alone or in a batch
+    from pyroflows.member_bound import MemberImportanceELBO
+
+    pyro.set_rng_seed(0)
+    sigma, y = data(40)
+    guide = AutoFlowGuide(model, local_plates=["groups"]).setup(sigma, y, None)
+    latents = guide.get_posterior().sample((5,)).detach()
+    bound = MemberImportanceELBO(num_particles=4)
+    many, _, members = bound.weigh_many(model, guide, (sigma, y, None), {}, latents)
+    assert members.shape == (5, 4, 40)
+    with torch.no_grad():
+        one = [bound.weigh(model, guide, (sigma, y, None), {}, g)[0] for g in latents]
+    assert torch.allclose(many, torch.stack(one), rtol=1e-4, atol=1e-3)
+    mu, log_tau = latents[:, 0].double(), latents[:, 1].double()
+    total = (log_tau.exp()[:, None] ** 2 + sigma.double() ** 2).sqrt()
+    exact = (
+        dist.Normal(0.0, 5.0).log_prob(mu)
+        + dist.HalfNormal(5.0).log_prob(log_tau.exp())
+        + log_tau
+        + dist.Normal(mu[:, None], total).log_prob(y.double()).sum(-1)
+        - guide.get_posterior().log_prob(latents).double()
+    )
+    assert torch.allclose(many.double(), exact, rtol=1e-4, atol=2e-3)
