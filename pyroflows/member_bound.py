@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import pyro
 import torch
@@ -100,21 +101,26 @@ class MemberImportanceELBO(ELBO):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
         return next(iter(plates))[0]
 
-    def weigh(self, model, guide, args, kwargs, latent=None):
-        """``(bound, guide_trace, member_log_weights)``: the bound for one globals draw (the
-        guide's, or its unconstrained ``latent`` where given), the guide's trace (the
-        globals and ``K`` draws of each member), and each draw's log weight
-        ``log p(y_i, u_ik | g) - log q(u_ik | g)``, ``(K, members)`` (``None`` without
-        members)."""
+    def _nesting(self, model, guide, args, kwargs) -> int:
+        self._local_plate(model, guide, args, kwargs)  # sets up; guesses the nesting
+        return self.max_plate_nesting
+
+    def _weighed_sites(self, model, guide, args, kwargs, given, draws=None):
+        """Run the guide (``K`` draws of each member; its latent ``given``) and the model
+        replaying it, inside a plate of ``draws`` globals draws where given: ``(guide_trace,
+        [(name, log_prob, sign, members' frame or None)], the members' draws' dim)``."""
         plate = self._local_plate(model, guide, args, kwargs)
         k, dim = self.member_particles, -(self.max_plate_nesting + 1)
-        given = {} if latent is None else {guide.latent_site_name: latent}
-        with member_draws(guide.locals, k, dim):
+
+        def globals_draws():
+            return pyro.plate(GLOBALS_DRAWS, draws, dim=dim - 1) if draws else nullcontext()
+
+        with globals_draws(), member_draws(guide.locals, k, dim):
             guide_trace = poutine.trace(poutine.condition(guide, given)).get_trace(*args, **kwargs)
-        with pyro.plate(MEMBER_DRAWS, k, dim=dim):
+        with globals_draws(), pyro.plate(MEMBER_DRAWS, k, dim=dim):
             replayed = poutine.replay(model, trace=guide_trace)
             model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-        total, members, factor = 0.0, 0.0, None
+        sites = []
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
             trace.compute_log_prob()
             for name, site in trace.nodes.items():
@@ -122,12 +128,24 @@ class MemberImportanceELBO(ELBO):
                     continue
                 _check_broadcast(name, site)
                 frame = next((f for f in site["cond_indep_stack"] if f.name == plate), None)
-                if frame is None:
-                    total = total + sign * _same_for_every_draw(name, site["log_prob"], dim)
-                    continue
-                factor = (frame.full_size or frame.size) / frame.size
-                per = _per_draw_and_member(site["log_prob"] / factor, dim, frame.dim)
-                members = members + sign * per
+                sites.append((name, site["log_prob"], sign, frame))
+        return guide_trace, sites, dim
+
+    def weigh(self, model, guide, args, kwargs, latent=None):
+        """``(bound, guide_trace, member_log_weights)``: the bound for one globals draw (the
+        guide's, or its unconstrained ``latent`` where given), the guide's trace (the
+        globals and ``K`` draws of each member), and each draw's log weight
+        ``log p(y_i, u_ik | g) - log q(u_ik | g)``, ``(K, members)`` (``None`` without
+        members)."""
+        given = {} if latent is None else {guide.latent_site_name: latent}
+        guide_trace, sites, dim = self._weighed_sites(model, guide, args, kwargs, given)
+        total, members, factor = 0.0, 0.0, None
+        for name, log_prob, sign, frame in sites:
+            if frame is None:
+                total = total + sign * _same_for_every_draw(name, log_prob, dim)
+                continue
+            factor = (frame.full_size or frame.size) / frame.size
+            members = members + sign * _per_draw_and_member(log_prob / factor, dim, frame.dim)
         if factor is None:
             return total, guide_trace, None
         return total + factor * _log_mean_exp(members).sum(), guide_trace, members
@@ -138,31 +156,21 @@ class MemberImportanceELBO(ELBO):
         the model (a plate of the draws left of the members' draws; the model must
         broadcast over both): ``(bounds (G,), guide_trace, member_log_weights (G, K,
         members))``, without gradients."""
-        plate = self._local_plate(model, guide, args, kwargs)
-        k, dim, g = self.member_particles, -(self.max_plate_nesting + 1), len(latents)
-        shape = (g,) + (1,) * -dim + latents.shape[-1:]
+        g = len(latents)
+        shape = (g,) + (1,) * (self._nesting(model, guide, args, kwargs) + 1) + latents.shape[-1:]
         given = {guide.latent_site_name: latents.reshape(shape)}
-        with pyro.plate(GLOBALS_DRAWS, g, dim=dim - 1), member_draws(guide.locals, k, dim):
-            guide_trace = poutine.trace(poutine.condition(guide, given)).get_trace(*args, **kwargs)
-        with pyro.plate(GLOBALS_DRAWS, g, dim=dim - 1), pyro.plate(MEMBER_DRAWS, k, dim=dim):
-            replayed = poutine.replay(model, trace=guide_trace)
-            model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+        guide_trace, sites, dim = self._weighed_sites(model, guide, args, kwargs, given, g)
         totals, members, factor = [0.0] * g, [0.0] * g, 1.0
-        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            trace.compute_log_prob()
-            for name, site in trace.nodes.items():
-                if site["type"] != "sample" or site_is_subsample(site):
-                    continue
-                _check_broadcast(name, site)
-                frame = next((f for f in site["cond_indep_stack"] if f.name == plate), None)
-                if frame is not None:
-                    factor = (frame.full_size or frame.size) / frame.size
-                for i, x in enumerate(_per_globals_draw(site["log_prob"], dim - 1, g)):
-                    if frame is None:
-                        totals[i] = totals[i] + sign * _same_for_every_draw(name, x, dim)
-                    else:
-                        per = _per_draw_and_member(x / factor, dim, frame.dim)
-                        members[i] = members[i] + sign * per
+        for name, log_prob, sign, frame in sites:
+            if frame is not None:
+                factor = (frame.full_size or frame.size) / frame.size
+            for i, x in enumerate(_per_globals_draw(log_prob, dim - 1, g)):
+                if frame is None:
+                    totals[i] = totals[i] + sign * _same_for_every_draw(name, x, dim)
+                else:
+                    members[i] = members[i] + sign * _per_draw_and_member(
+                        x / factor, dim, frame.dim
+                    )
         pairs = zip(totals, members, strict=True)
         bounds = [t + factor * _log_mean_exp(m).sum() for t, m in pairs]
         return torch.stack(bounds), guide_trace, torch.stack(members)
