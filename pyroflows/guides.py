@@ -19,12 +19,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
 
-import pyro
-import pyro.distributions as dist
 import torch
-from pyro.distributions.transforms import AffineTransform, ComposeTransform, LowerCholeskyAffine
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.guides import AutoGuide, prototype_hide_fn
 from torch import Tensor, nn
@@ -32,23 +28,24 @@ from torch.distributions import biject_to
 
 from . import supports as _supports  # noqa: F401  (registers extra biject_to)
 from . import transforms
-from .adapters import check_param_store, claim_param_name, restore, snapshot
+from .adapters import claim_param_name, restore, snapshot
 from .architecture import (
     build_guide_flow,
     check_choice,
-    describe_architecture,
     validate_flow_spec,
 )
+from .guide_posterior import FlowPosteriorGuide
+from .guide_state import SavedStateGuide
+from .guide_summaries import GuideSummaries
 from .laplace import LaplaceStart, laplace_start
 from .local_guide import LocalLatentsGuide
 from .locals import (
     LocalLatents,
-    LocalSite,
     check_local_sites,
     find_local_sites,
     take_local_sites,
 )
-from .scoring import FlowInverter, FlowPosterior, StoppedScore
+from .scoring import FlowInverter
 from .sites import (
     arguments_signature,
     check_dependent_supports,
@@ -57,13 +54,6 @@ from .sites import (
     enumerated,
     init_to_median,
     unconstrained_energy,
-    unpack_with_log_det,
-)
-from .state import (
-    check_entries,
-    check_local_prior,
-    check_same_architecture,
-    read_saved_state,
 )
 from .subsampling import check_subsampling
 
@@ -73,7 +63,9 @@ FULL_RANK_LIMIT = 200  # affine="auto": a full lower-triangular L up to this man
 DEFAULT_INIT_SCALE = 0.1  # as AutoNormal's
 
 
-class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
+class AutoFlowGuide(
+    FlowPosteriorGuide, GuideSummaries, SavedStateGuide, LocalLatentsGuide, AutoContinuous
+):
     r"""A normalizing-flow guide: write ``AutoFlowGuide(model)`` where ``AutoNormal(model)`` was.
 
     The posterior over the unconstrained latent vector is ``loc + scale * flow(eps)`` with
@@ -187,13 +179,6 @@ class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
         self._store_checked = False
         self._register_load_state_dict_pre_hook(self._prepare_to_load)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        # Guides pickled before local latents existed have none.
-        if "locals" not in self._modules:
-            self.__dict__.setdefault("locals", None)
-        self.__dict__.setdefault("local_plates", ())
-
     # ----------------------------------------------------------------------------- setup
     @staticmethod
     def _prototype_hide_fn(msg):
@@ -282,6 +267,7 @@ class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
         first call does it otherwise); ``start_description`` then says how it started.
 
         Example:
+            >>> import pyro, pyro.distributions as dist
             >>> def model():
             ...     pyro.sample("x", dist.Normal(0.0, 1.0))
             >>> AutoFlowGuide(model).setup().start_description
@@ -344,83 +330,6 @@ class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
         # Not a registered submodule: the flow is registered once, under the guide.
         self.__dict__["_inverter"] = FlowInverter(self.flow)
 
-    # ----------------------------------------------------------------------- the posterior
-    @property
-    def scale(self) -> Tensor:
-        """The diagonal of ``L``."""
-        return nn.functional.softplus(self.scale_raw)
-
-    @property
-    def scale_tril(self) -> Tensor:
-        """``L``: lower-triangular with positive diagonal (diagonal if not full rank)."""
-        if self.full_rank:
-            return self.scale_lower.tril(-1) + torch.diag_embed(self.scale)
-        return torch.diag_embed(self.scale)
-
-    def get_base_dist(self, stop: bool = False):
-        zeros = torch.zeros_like(self.loc)
-        if self._base == "studentt":
-            df = 1.0 + nn.functional.softplus(self.df_raw)
-            return dist.StudentT(df.detach() if stop else df, zeros, 1.0).to_event(1)
-        return dist.Normal(zeros, 1.0).to_event(1)
-
-    def get_transform(self, *args, **kwargs):
-        return ComposeTransform([self.flow, self._affine_transform()])
-
-    def _affine_transform(self, stop: bool = False):
-        """``u -> center + P (loc + L u)``; with ``stop``, parameters detached (for STL)."""
-        loc = self.loc.detach() if stop else self.loc
-        # The affine caches too: scoring the guide's own sample then inverts nothing (an
-        # uncached affine would hand the flow a new tensor and force a real inverse pass).
-        if self.preconditioned:  # fold the fixed preconditioner into one affine map
-            if self.full_rank:
-                tril = self.precond @ (self.scale_tril.detach() if stop else self.scale_tril)
-            else:  # P diag(s): scale P's columns, O(D^2) rather than a D^3 product
-                tril = self.precond * (self.scale.detach() if stop else self.scale)
-            return LowerCholeskyAffine(self.center + self.precond @ loc, tril, cache_size=1)
-        if self.full_rank:
-            tril = self.scale_tril.detach() if stop else self.scale_tril
-            return LowerCholeskyAffine(loc, tril, cache_size=1)
-        scale = self.scale.detach() if stop else self.scale
-        return AffineTransform(loc, scale, event_dim=1, cache_size=1)
-
-    def get_posterior(self, *args, **kwargs):
-        """q over the unconstrained latent vector: sample and score it; a flow has no
-        closed-form ``mean`` or ``variance`` (they raise, pointing to the estimates)."""
-        return FlowPosterior(self.get_base_dist(), self.get_transform())
-
-    def sample_latent(self, *args, **kwargs):
-        posterior = self.get_posterior()
-        if self.stl:
-            if torch.jit.is_tracing():
-                raise RuntimeError(
-                    "stl=True evaluates the flow with stopped parameters through "
-                    "torch.func.functional_call, which JitTrace_ELBO cannot trace; use Trace_ELBO"
-                )
-            posterior = StoppedScore(posterior, self._stopped_log_prob)
-        latent = pyro.sample(self.latent_site_name, posterior, infer={"is_auxiliary": True})
-        self.__dict__["_globals_draw"] = latent  # the locals' networks condition on it
-        return latent
-
-    @property
-    def flow_is_invertible(self) -> bool:
-        """Whether the flow has an analytic inverse (needed by ``stl`` and DReG)."""
-        return transforms.invertible(self.flow)
-
-    @property
-    def latent_site_name(self) -> str:
-        """The name of the auxiliary sample site that holds the unconstrained latent vector."""
-        return f"_{self._pyro_name}_latent"
-
-    def _stopped_log_prob(self, z: Tensor) -> Tensor:
-        """log q(z) with every parameter detached: gradients reach only through z."""
-        affine = self._affine_transform(stop=True)
-        u = affine.inv(z)
-        stopped = {name: p.detach() for name, p in self._inverter.named_parameters()}
-        x, flow_log_det = torch.func.functional_call(self._inverter, stopped, (u,))
-        log_det = flow_log_det + affine.log_abs_det_jacobian(u, z)
-        return self.get_base_dist(stop=True).log_prob(x) - log_det
-
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
@@ -435,133 +344,6 @@ class AutoFlowGuide(LocalLatentsGuide, AutoContinuous):
             run = self._model_runner(result, args, kwargs, local_latents)
             result.update(local_latents.sample(g, self._standardised(g), self.plates, run))
         return result
-
-    def _check_param_store(self):
-        """Our parameters must be the tensors Pyro's store holds under our names."""
-        named = [(f"{self._pyro_name}.{n}", p) for n, p in self.named_parameters(recurse=False)]
-        for module in ("flow", "locals") if self.locals is not None else ("flow",):
-            named += [
-                (f"{self._pyro_name}.{module}$$${n}", p)
-                for n, p in getattr(self, module).named_parameters()
-            ]
-        check_param_store(named, self._pyro_name)
-        self._store_checked = True
-
-    # ------------------------------------------------------------------ summaries of q
-    @torch.no_grad()
-    def sample_posterior(self, num_samples: int = 1000, *args, seed: int | None = 0, **kwargs):
-        """Draws of every latent site in constrained space, ``{name: (num_samples, *shape)}``.
-
-        ``pyro.deterministic`` sites are not included: use ``pyro.infer.Predictive`` for those.
-        """
-        self._require_setup()
-        with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
-            if seed is not None:
-                torch.manual_seed(seed)
-            latent = self.get_posterior().sample((num_samples,))
-            local = {}
-            if self.locals is not None:
-                local = self._draw_locals(latent, args, kwargs)
-        return {**self.latent_to_sites(latent), **local}
-
-    def latent_to_sites(self, latent: Tensor, log_det: bool = False):
-        """Map unconstrained latent vectors ``(N, D)`` to constrained site values ``(N, *shape)``
-        (with ``log_det``: ``(values, log|dz/du|)``, the latter ``(N,)``).
-
-        Unlike ``_unpack_latent`` (which places batch dims left of the model's plate dims
-        for vectorised inference), each site gets a plain leading dimension ``N``.
-        """
-        self._require_setup()
-        shapes = self._unconstrained_shapes
-        values, jacobian = unpack_with_log_det(self.prototype_trace, shapes, latent)
-        return (values, jacobian) if log_det else values
-
-    def quantiles(self, quantiles, *args, num_samples: int = 4000, **kwargs):
-        """Elementwise posterior quantiles of each site, estimated from ``num_samples`` draws.
-
-        A flow has no closed-form quantiles; the Monte Carlo error of a quantile is about
-        ``sqrt(q (1 - q) / num_samples) / density`` (about 0.02 sd at the median by default).
-        The draws use a fixed seed, so repeated calls agree.
-        """
-        samples = self.sample_posterior(num_samples)
-        q = torch.as_tensor(quantiles, dtype=self.loc.dtype, device=self.loc.device)
-        return {name: torch.quantile(value, q, dim=0) for name, value in samples.items()}
-
-    def median(self, *args, num_samples: int = 4000, **kwargs):
-        """Elementwise posterior medians (Monte Carlo, see ``quantiles``)."""
-        return {k: v[0] for k, v in self.quantiles([0.5], num_samples=num_samples).items()}
-
-    def _require_setup(self):
-        if self._layout is None or not hasattr(self, "loc"):
-            raise RuntimeError(
-                "this AutoFlowGuide has not seen the model yet: call it once with the model's "
-                "arguments (e.g. svi.step(...)) or load a state dict"
-            )
-        if self.prototype_trace is None:
-            raise RuntimeError(
-                "this AutoFlowGuide was loaded from a state dict; call it once with the model's "
-                "arguments so that it can map its latent vector back to the model's sites"
-            )
-
-    # ------------------------------------------------------------------ save and load
-    @property
-    def architecture(self) -> dict:
-        """The settings that give this guide's parameters their meaning (saved in the state
-        dict; a state from another architecture is refused naming what differs)."""
-        return describe_architecture(
-            self._flow_spec, self._num_layers, self._hidden_dims, self._flow_kwargs
-        )
-
-    def get_extra_state(self):
-        return {
-            "layout": self._layout,
-            "base": self._base,
-            "full_rank": getattr(self, "full_rank", None),
-            "preconditioned": getattr(self, "preconditioned", False),
-            "architecture": self.architecture,
-            "flow": repr(self.flow) if hasattr(self, "flow") else None,
-            "locals": self.locals.describe() if self.locals is not None else [],
-            "local_prior": self.local_prior if self.locals is not None else None,
-        }
-
-    def set_extra_state(self, state):
-        pass  # read in _prepare_to_load, before the parameters are loaded
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``, checked first and atomic: a state from another model
-        or architecture, with missing or extra entries, wrong shapes or non-finite values is
-        refused before any tensor is copied, and the guide is left as it was."""
-        before = snapshot(self)
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        except BaseException:
-            restore(self, before)
-            raise
-
-    def _prepare_to_load(self, state_dict, prefix, *_):
-        state, layout = read_saved_state(state_dict, prefix, self._base)
-        if self._layout is not None:
-            check_layout(layout, self._layout)
-        else:
-            self._layout = layout
-            self.latent_dim = sum(math.prod(shape) for _, shape in layout)
-            loc = state_dict.get(prefix + "loc")
-            dtype = loc.dtype if loc is not None else None
-            zeros = torch.zeros(self.latent_dim, dtype=dtype)
-            # placeholders: the state dict's buffers overwrite them
-            laplace = (zeros, torch.eye(self.latent_dim, dtype=dtype))
-            self._create_parameters(zeros, laplace if state.get("preconditioned") else None)
-            if state.get("locals"):
-                sites = [LocalSite(*key) for key in state["locals"]]
-                self.locals = LocalLatents(sites, self.latent_dim, None, 1.0, zeros)
-        check_local_sites(self.locals, state.get("locals", []))
-        if state.get("locals"):  # (states saved before the model's prior learned it)
-            check_local_prior(state.get("local_prior", "learned"), self.local_prior)
-        check_same_architecture(state, repr(self.flow), self.architecture, self.full_rank)
-        check_entries(state_dict, self.state_dict(prefix=prefix), prefix)
-        # The buffers (center, precond) are loaded either way; whether they are used is the
-        # saved guide's choice, not this one's start.
-        self.preconditioned = bool(state.get("preconditioned"))
 
 
 # Guides pickled before scoring.py existed hold a FlowInverter under this name.

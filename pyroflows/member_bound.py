@@ -4,17 +4,19 @@ r"""The importance-weighted bound member by member, for a guide with local laten
 local latents) and weighs globals draws with each member integrated out
 (``globals_diagnostic``, ``importance_resample`` through ``pyroflows.member_resample``).
 
-Example:
+Example (ten globals draws weighed in one run, each member integrated out by 8 draws):
     >>> import pyro, pyro.distributions as dist, torch
     >>> from pyroflows import AutoFlowGuide
-    >>> def model():
+    >>> def model(y):
     ...     tau = pyro.sample("tau", dist.HalfNormal(1.0))
-    ...     with pyro.plate("groups", 50, subsample_size=10):
-    ...         theta = pyro.sample("theta", dist.Normal(0.0, tau))
-    ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=torch.zeros(10))
-    >>> bound = MemberImportanceELBO(num_particles=8).bound(model, AutoFlowGuide(model), (), {})
-    >>> bound.shape
-    torch.Size([])
+    ...     with pyro.plate("groups", len(y)):
+    ...         pyro.sample("y", dist.Normal(pyro.sample("u", dist.Normal(0.0, tau)), 1.0), obs=y)
+    >>> y = torch.zeros(30)
+    >>> guide = AutoFlowGuide(model, local_plates=["groups"]).setup(y)
+    >>> latents = guide.get_posterior().sample((10,))
+    >>> bounds, _, weights = MemberImportanceELBO(8).weigh_many(model, guide, (y,), {}, latents)
+    >>> bounds.shape, weights.shape
+    (torch.Size([10]), torch.Size([10, 8, 30]))
 """
 
 from __future__ import annotations
