@@ -40,7 +40,14 @@ class LocalLatentsGuide:
     def user_model(self):
         """The model as given (``self.model`` is wrapped in Pyro's init handler, which would
         draw an initial value at every site of every run)."""
-        return getattr(self, "_user_model", (self.model,))[0]
+        kept = self.__dict__.get("_user_model") or self.__dict__.get("_model")
+        if not kept or kept[0] is None:
+            raise ValueError(
+                "AutoFlowGuide: drawing the locals runs the model (local_prior='model'), and an "
+                "unpickled guide has none (Pyro's autoguides drop it); save with "
+                "guide.state_dict() and load it into AutoFlowGuide(model) instead"
+            )
+        return kept[0]
 
     def _model_runner(self, values, args, kwargs, local_latents):
         if getattr(self, "local_prior", "learned") == "learned":
@@ -82,7 +89,13 @@ class LocalLatentsGuide:
     def _draw_locals(self, latent: Tensor, args, kwargs) -> dict:
         if getattr(self, "local_prior", "learned") == "learned":
             return self.locals.draw_all(latent, self._standardised(latent))
-        args, kwargs = (args, kwargs) if args or kwargs else self._model_arguments
+        if not (args or kwargs):
+            if "_model_arguments" not in self.__dict__:  # (an unpickled guide has none)
+                raise ValueError(
+                    "AutoFlowGuide: drawing the locals runs the model (local_prior='model'); "
+                    "pass the model's arguments, e.g. guide.sample_posterior(1000, *args)"
+                )
+            args, kwargs = self._model_arguments
         chunks = self._member_chunks(args, kwargs, latent.device)
         batched, values = self._global_values(latent)
         run = self._model_runner(values, args, kwargs, self.locals)

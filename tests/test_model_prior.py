@@ -219,3 +219,16 @@ def test_weighing_many_globals_draws_at_once_matches_one_at_a_time():
         - guide.get_posterior().log_prob(latents).double()
     )
     assert torch.allclose(many.double(), exact, rtol=1e-4, atol=2e-3)
+
+
+def test_a_pickled_guide_leaves_the_model_and_data_behind_and_says_what_to_do():
+    import pickle
+
+    sigma, y = data(40)
+    guide = AutoFlowGuide(model, local_plates=["groups"]).setup(sigma, y, None)
+    loaded = pickle.loads(pickle.dumps(guide))
+    assert "_model_arguments" not in loaded.__dict__ and "_user_model" not in loaded.__dict__
+    with pytest.raises(ValueError, match="pass the model's arguments"):
+        loaded.sample_posterior(10)
+    with pytest.raises(ValueError, match=r"unpickled guide has none.*state_dict"):
+        loaded.sample_posterior(10, sigma, y, None)
