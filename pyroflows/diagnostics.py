@@ -23,7 +23,7 @@ from .draws import NOT_VECTORISED_HINT, Draws, draw, evaluate_at, is_shape_error
 from .member_resample import resample_members
 from .objectives import MemberImportanceELBO
 from .psis import PSISResult, khat_threshold, psis
-from .subsampling import SubsampledModel, subsampled_plate
+from .subsampling import SubsampledModel, subsampled_plate, trace_at_guide_draw
 
 __all__ = [
     "Evidence",
@@ -96,7 +96,7 @@ def globals_diagnostic(
         guide.setup(*args, **kwargs)
     if getattr(guide, "locals", None) is None:
         raise ValueError("globals_diagnostic: the guide has no local latents; use psis_diagnostic")
-    why = subsampled_plate(model, guide, args, kwargs)
+    why = subsampled_plate(trace_at_guide_draw(model, guide, args, kwargs))
     if why:
         raise SubsampledModel(
             f"globals_diagnostic: {why}; the weights need every member. Call it with "

@@ -5,11 +5,16 @@ The route (``benchmarks/RESULTS.md``, "infer: the route" has the measurements be
 1. ``laplace``: the guide's Laplace start, ``N(mode, H^-1)`` in the unconstrained space,
    importance-resampled (Pathfinder's lesson: a near-Gaussian posterior needs no long
    optimisation). Skipped where the model has no sound mode (a funnel).
-2. ``fit``: the default flow fitted by ``fit`` (ELBO; stopped once k-hat on a check is below
+2. ``locals``: for a hierarchy (``pyroflows.hierarchy``: a plate whose latents have Gaussian
+   priors and hold every observation), a flow on the globals only, each member's latents
+   drawn from the model's own prior times a Gaussian, the globals importance-resampled
+   with every member integrated out. A centred hierarchy's funnel is then in the model's
+   prior, exactly, rather than in the flow.
+3. ``fit``: the default flow fitted by ``fit`` (ELBO; stopped once k-hat on a check is below
    the bar), importance-resampled from fresh draws.
-3. ``dreg``: the same flow refitted on the importance-weighted bound with 8 particles and
+4. ``dreg``: the same flow refitted on the importance-weighted bound with 8 particles and
    DReG gradients (mass-covering), importance-resampled.
-4. ``neutra``: MCMC in the flow's space: 4-16 HMC chains stepped as one batch
+5. ``neutra``: MCMC in the flow's space: 4-16 HMC chains stepped as one batch
    (``neutra_chains``), or Pyro's NUTS, one chain, for a model that does not broadcast over
    draws (``neutra_chain``). Asymptotically exact, cheap when the flow is good, and the
    answer whenever importance weights cannot be trusted.
@@ -32,29 +37,25 @@ import warnings
 import pyro
 
 from .calls import model_keywords
-from .diagnostics import importance_resample
 from .draws import NOT_VECTORISED_HINT, draw, evaluate_at, runs_vectorised
 from .fit import fit
 from .guides import AutoFlowGuide
-from .modes import check_modes
+from .hierarchy import hierarchy_plates
+from .infer_weighing import ACCEPT_KHAT, ImportanceChecks
 from .neutra import cannot_batch, neutra_chain, neutra_chains
 from .posterior import Posterior, Route, Stage
 from .progress import check_setting
-from .subsampling import subsampled_plate
+from .subsampling import subsampled_plate, trace_at_guide_draw
 from .transforms import invertible
 
 __all__ = ["STAGES", "infer"]
 
-STAGES = ("laplace", "fit", "dreg", "neutra")
-PROPOSALS = 4000  # guide draws weighed per check (at least num_samples)
-SEQUENTIAL_PROPOSALS = 1000  # for a model that does not broadcast over draws
-MAX_PROPOSALS = 40_000  # when k-hat is fine but the ESS short: draw up to this many
+STAGES = ("laplace", "locals", "fit", "dreg", "neutra")
 R_HAT_LIMIT = 1.01
 NEUTRA_MIN_SECONDS = 10.0  # a chain needs its warm-up: not started with less time left
 COMPILE_MIN_SECONDS = 20.0  # compiling costs ~150 general steps: not worth it with less left
 NEUTRA_TARGET_ACCEPT = 0.9  # NUTS's: smaller steps where the flow leaves curvature (necks)
 MCMC_MIN_ESS = 400  # Vehtari et al. (2021)'s bulk-ESS rule for MCMC draws
-ACCEPT_KHAT = 0.5  # not PSIS's 0.7: a funnel's log sd 0.24 off passed at 0.57 (RESULTS.md)
 CHECK_EVERY = 500  # a fit stops at a k-hat check; the answer is judged on fresh draws
 PARTICLES = 8  # of the dreg stage (benchmarks/RESULTS.md: K=8 met 10 of 14 posteriors)
 FIT_STEPS, DREG_STEPS = 5000, 3000  # the benchmark's budget; the plateau rule ends most sooner
@@ -119,6 +120,7 @@ def infer(
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         raise ValueError(f"infer: stages must be a non-empty subset of {STAGES}, got {stages!r}")
+    given = guide is not None
     if guide is None:
         guide = AutoFlowGuide(model)
     elif not isinstance(guide, AutoFlowGuide):
@@ -126,10 +128,11 @@ def infer(
     if seed is not None:
         pyro.set_rng_seed(seed)
     run = _Run(model, guide, args, kwargs, num_samples, progress, time_budget, min_ess)
+    run.given = given
     return run.go([s for s in STAGES if s in stages])
 
 
-class _Run:
+class _Run(ImportanceChecks):
     """The state of one ``infer`` call: clock, route, best answer so far."""
 
     def __init__(self, model, guide, args, kwargs, num_samples, progress, budget, min_ess):
@@ -146,6 +149,9 @@ class _Run:
         self.subsampled = ""  # why no draws can be weighed (a subsampled plate), if so
         self.modes = None  # the multi-start search (pyroflows.modes), run once, when needed
         self.missed = []  # modes the last accepted guide did not reach
+        self.hierarchy = ((), "")  # plates that can be local latents, or why none
+        self.given = False  # whether the user gave the guide (the locals stage makes its own)
+        self.per_proposal = {}  # seconds per weighed draw, per guide (id), as last measured
 
     def left(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.perf_counter()
@@ -203,7 +209,9 @@ class _Run:
     def setup(self) -> None:
         self.guide.setup(*self.args, **self.kwargs)
         if self.vectorised is None:
-            self.subsampled = subsampled_plate(self.model, self.guide, self.args, self.kwargs)
+            trace = trace_at_guide_draw(self.model, self.guide, self.args, self.kwargs)
+            self.subsampled = subsampled_plate(trace)
+            self.hierarchy = hierarchy_plates(trace)
             args = (self.model, self.guide, self.args, self.kwargs)
             self.vectorised = not self.subsampled and runs_vectorised(*args, num=PARTICLES)
 
@@ -214,12 +222,35 @@ class _Run:
             return f"skipped: {self.subsampled or local}"
         return ""
 
+    def without_locals(self) -> str:
+        if self.given:
+            return "a guide was given: infer fits that one"
+        if self.guide.local_sites or self.subsampled:
+            return "the guide has local latents already"
+        return "the model does not broadcast over draws"
+
     def stage_laplace(self, stage: Stage) -> None:
         self.setup()
         if not self.guide.preconditioned:
             stage.outcome = f"skipped: {self.guide.start_description}"
             return
         self.weigh(stage)
+
+    def stage_locals(self, stage: Stage) -> None:
+        self.setup()
+        plates, why = self.hierarchy
+        if self.given or self.guide.local_sites or self.subsampled or not self.vectorised:
+            plates, why = (), self.without_locals()
+        if not plates:
+            stage.outcome = f"skipped: {why}"
+            return
+        joint, self.guide = self.guide, AutoFlowGuide(self.model, local_plates=list(plates))
+        self.guide.setup(*self.args, **self.kwargs)
+        trained = self.fit(loss="elbo", num_particles=1, num_steps=FIT_STEPS)
+        stage.outcome = f"local_plates={list(plates)}, {trained}"
+        self.weigh(stage)
+        if not stage.accepted:  # the later stages use the joint flow
+            self.guide = joint
 
     def stage_fit(self, stage: Stage) -> None:
         self.setup()
@@ -299,7 +330,7 @@ class _Run:
                 return True
             if state.step % CHECK_EVERY or not self.vectorised:  # a check costs seconds then
                 return False
-            peek = self.resample(self.proposals(), adapt=False)
+            peek = self.resample(self.proposals(check=True), adapt=False)
             if peek.diagnostic.k_hat < ACCEPT_KHAT:
                 # The stop is chosen where k-hat dipped below the bar, so these draws would
                 # judge themselves optimistically: weigh() judges a fresh, independent set.
@@ -322,77 +353,6 @@ class _Run:
         probe = draw(self.model, self.guide, self.args, self.kwargs, 1)
         values = evaluate_at(self.model, self.args, self.kwargs, probe, latent)["values"]
         return {n: v for n, v in values.items() if probe.sites[n].kind == "deterministic"}
-
-    def weigh(self, stage: Stage) -> None:
-        """Importance-resample the guide's draws, judged on its own weights (moment matching
-        lowers k-hat on the draws it judges: it only improves a rejected answer)."""
-        began = time.perf_counter()
-        proposals = self.proposals()
-        out = self.resample(proposals, adapt=False)
-        d = out.diagnostic
-        if d.k_hat < ACCEPT_KHAT and d.ess < self.min_ess:
-            more = min(MAX_PROPOSALS, math.ceil(proposals * 1.2 * self.min_ess / max(d.ess, 1)))
-            if more > proposals and self.left() > 3 * (time.perf_counter() - began):
-                out = self.resample(more, adapt=False)
-                d = out.diagnostic
-        trusted = d.k_hat < ACCEPT_KHAT
-        stage.accepted = trusted and d.ess >= self.min_ess
-        stage.outcome += (
-            f"PSIS k-hat {d.k_hat:.2f} (accepted below {ACCEPT_KHAT}), ESS {d.ess:.0f} of "
-            f"{d.num_samples} proposals"
-        )
-        if trusted and not stage.accepted:
-            stage.outcome += f" (below the {self.min_ess} needed)"
-        diagnostics = {"k_hat": d.k_hat, "ess": d.ess, "proposals": d.num_samples}
-        label = f"PSIS-resampled guide draws ({stage.name}), k-hat {d.k_hat:.2f}, ESS {d.ess:.0f}"
-        label += "; globals weighted, members integrated out" if self.guide.local_sites else ""
-        if not stage.accepted and self.left() > 3 * (time.perf_counter() - began):
-            adapted = self.resample(proposals)  # moment matching: a better approximate answer
-            if adapted.num_adaptations:
-                out, maps = adapted, adapted.num_adaptations
-                diagnostics.update(k_hat_moment_matched=adapted.diagnostic.k_hat, maps=maps)
-                label += f" (moment-matched: {maps} maps, k-hat {adapted.diagnostic.k_hat:.2f})"
-        if stage.accepted:  # a rejected answer is not rescued: its gaps may hide the bias
-            out, label, diagnostics = self.cover_modes(stage, out, label, diagnostics)
-        self.check_seconds = time.perf_counter() - began
-        self.keep(
-            2 if stage.accepted else 0,
-            self.posterior(out.samples, "resampled", diagnostics, out),
-            label,
-        )
-
-    def cover_modes(self, stage: Stage, out, label: str, diagnostics: dict):
-        """Search (once per call) for modes the accepted guide never draws from; found ones
-        are mixed into the proposal, which must then pass the same check."""
-        if self.deadline is not None and self.left() < 4 * self.check_seconds + 1.0:
-            stage.outcome += "; no mode search: the time budget"
-            return out, label, diagnostics
-        call = (self.model, self.guide, self.args, self.kwargs)
-        allowed = max(2.0, 0.5 * (time.perf_counter() - self.start))  # at most ~1.5x the call
-        check = check_modes(*call, out, self.num_samples, self.modes, self.vectorised, allowed)
-        self.modes, self.missed = check.search, check.missed
-        stage.outcome += f"; {check.words}"
-        diagnostics.update(modes_missed=len(check.missed))
-        if check.mixture is not None:
-            out, d = check.mixture, check.mixture.diagnostic
-            diagnostics.update(k_hat=d.k_hat, ess=d.ess, proposals=d.num_samples)
-            stage.accepted = d.k_hat < ACCEPT_KHAT and d.ess >= self.min_ess
-            label = f"PSIS-resampled mixture of the guide ({stage.name}) and {len(self.missed)} "
-            label += f"Laplace mode(s), k-hat {d.k_hat:.2f}, ESS {d.ess:.0f}"
-        elif self.missed:
-            stage.accepted = False
-            label += f", missing {len(self.missed)} mode(s)"
-        return out, label, diagnostics
-
-    def proposals(self) -> int:
-        # A model that does not broadcast is run once per draw (about 5 ms each): fewer.
-        return max(PROPOSALS if self.vectorised else SEQUENTIAL_PROPOSALS, self.num_samples)
-
-    def resample(self, proposals: int, adapt: bool = True):
-        # k-hat is this route's to report (in the route, and once at the end)
-        call = (self.model, self.guide, *self.args)
-        settings = dict(num_samples=proposals, num_draws=self.num_samples, adapt=adapt)
-        return importance_resample(*call, **settings, warn=False, **self.kwargs)
 
     def posterior(self, samples, kind, diagnostics, source) -> Posterior:
         samples = {k: v.detach() for k, v in samples.items()}

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import pyro
 import pyro.distributions as dist
 import torch
 from torch import Tensor
@@ -40,7 +41,7 @@ from torch.distributions import biject_to
 
 from .member_bound import MemberImportanceELBO
 from .psis import PSISResult
-from .subsampling import SubsampledModel, subsampled_plate
+from .subsampling import SubsampledModel, subsampled_plate, trace_at_guide_draw
 
 __all__ = ["heavy_tailed", "resample_members"]
 
@@ -71,7 +72,7 @@ def resample_members(
     globals draw each sample is. The model must see every member (full data)."""
     if getattr(guide, "prototype_trace", None) is None:
         guide.setup(*args, **kwargs)
-    why = subsampled_plate(model, guide, args, kwargs)
+    why = subsampled_plate(trace_at_guide_draw(model, guide, args, kwargs))
     if why:
         raise SubsampledModel(
             f"importance_resample: {why}; weighting the globals needs every member. Call it "
@@ -87,7 +88,10 @@ def resample_members(
         # a tail draw beyond float (a scale of 0) is weighed zero; the trace gets a stand-in
         ok = _representable(guide, batch)
         safe = torch.where(ok[:, None], batch, guide.loc.detach())
-        with warnings.catch_warnings():  # non-finite draws are handled below, not hidden
+        # non-finite draws are handled below, not hidden: a tail draw can make a model's
+        # distribution invalid (a scale exp(v / 2) that underflows to 0), which validation
+        # would raise for the whole batch; its density is then not finite and weighs zero
+        with warnings.catch_warnings(), pyro.validation_enabled(False):
             warnings.filterwarnings("ignore", message="Encountered NaN")
             values, trace, members = bound.weigh_many(model, guide, args, kwargs, safe)
         # the bound weighs by q(g); the draws come from the defensive mixture

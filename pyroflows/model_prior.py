@@ -227,10 +227,15 @@ def start_all_members(local_latents, model, args, kwargs, values, chunks) -> Non
                 order = site.local_dims + site.other_dims
                 for param, value in (
                     (local_latents.loc[k], loc),
-                    (local_latents.scale_raw[k], scale.expm1().log()),
+                    (local_latents.scale_raw[k], _inverse_softplus(scale)),
                 ):
                     value = value.expand(loc.shape).permute(order).reshape(len(flat), -1)
                     param.index_copy_(0, flat, value.to(param))
+
+
+def _inverse_softplus(x: Tensor) -> Tensor:
+    # log(expm1(x)) overflows float32 from x = 89 (a flat member starts 100 wide)
+    return x + torch.log(-torch.expm1(-x))
 
 
 def _layout(site, rows: Tensor, indices) -> Tensor:

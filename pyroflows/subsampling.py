@@ -33,6 +33,7 @@ __all__ = [
     "refuse_subsampled",
     "subsample_indices",
     "subsampled_plate",
+    "trace_at_guide_draw",
 ]
 
 
@@ -146,14 +147,19 @@ def refuse_subsampled(trace) -> None:
                 )
 
 
-def subsampled_plate(model, guide, args, kwargs) -> str:
-    """Run the model once on a draw of ``guide``: ``"plate 'data' is subsampled (100 of
-    1000)"``, or ``""``. (On the guide's draw, because the model run alone would sample its
-    priors, and a flat prior cannot be sampled.)"""
+def trace_at_guide_draw(model, guide, args, kwargs):
+    """The model's whole trace (observed sites too) at one draw of ``guide``: run on the
+    guide's draw, because the model run alone would sample its priors, and a flat prior
+    cannot be sampled. Pyro's random state is left as it was."""
     with torch.random.fork_rng(devices=[]), torch.no_grad(), pyro.poutine.block():
         guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
         replayed = pyro.poutine.replay(model, trace=guide_trace)
-        trace = pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
+        return pyro.poutine.trace(replayed).get_trace(*args, **kwargs)
+
+
+def subsampled_plate(trace) -> str:
+    """``"plate 'data' is subsampled (100 of 1000)"`` for a model's ``trace``
+    (``trace_at_guide_draw``), or ``""``."""
     for site in trace.nodes.values():
         for frame in site.get("cond_indep_stack", ()):
             if frame.full_size is not None and frame.full_size != frame.size:

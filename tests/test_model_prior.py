@@ -232,3 +232,23 @@ def test_a_pickled_guide_leaves_the_model_and_data_behind_and_says_what_to_do():
         loaded.sample_posterior(10)
     with pytest.raises(ValueError, match=r"unpickled guide has none.*state_dict"):
         loaded.sample_posterior(10, sigma, y, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_member_without_data_starts_wide_and_finite(dtype):
+    # Neal's funnel as a hierarchy: no likelihood, so each member's Gaussian starts flat
+    # (100 wide); its raw scale overflowed float32 (expm1(100) = inf) and the first
+    # step's gradient was NaN
+    def funnel():
+        v = pyro.sample("v", dist.Normal(torch.tensor(0.0, dtype=dtype), 3.0))
+        with pyro.plate("i", 5):
+            pyro.sample("x", dist.Normal(torch.tensor(0.0, dtype=dtype), (v / 2).exp()))
+
+    guide = AutoFlowGuide(funnel, local_plates=["i"]).setup()
+    scale = torch.nn.functional.softplus(guide.locals.scale_raw[0].detach())
+    assert torch.isfinite(guide.locals.scale_raw[0]).all()
+    assert torch.allclose(scale, torch.full_like(scale, 100.0), rtol=1e-3)
+    from pyroflows import fit
+
+    result = fit(funnel, guide, num_steps=20, progress=False, diagnose=False, seed=0)
+    assert result.num_steps == 20 and all(torch.isfinite(p).all() for p in guide.parameters())
