@@ -143,14 +143,15 @@ class MemberImportanceELBO(ELBO):
         guide_trace, sites, dim = self._weighed_sites(model, guide, args, kwargs, given)
         total, members, factor = 0.0, 0.0, None
         for name, log_prob, sign, frame in sites:
+            x = torch.as_tensor(log_prob)[None]  # one globals draw
             if frame is None:
-                total = total + sign * _same_for_every_draw(name, log_prob, dim)
+                total = total + sign * _same_for_every_draw(name, x, dim)[0]
                 continue
             factor = (frame.full_size or frame.size) / frame.size
-            members = members + sign * _per_draw_and_member(log_prob / factor, dim, frame.dim)
+            members = members + sign * _per_draw_and_member(x / factor, dim, frame.dim)[0]
         if factor is None:
             return total, guide_trace, None
-        return total + factor * _log_mean_exp(members).sum(), guide_trace, members
+        return total + factor * _log_mean_exp(members, 0).sum(), guide_trace, members
 
     @torch.no_grad()
     def weigh_many(self, model, guide, args, kwargs, latents):
@@ -162,20 +163,16 @@ class MemberImportanceELBO(ELBO):
         shape = (g,) + (1,) * (self._nesting(model, guide, args, kwargs) + 1) + latents.shape[-1:]
         given = {guide.latent_site_name: latents.reshape(shape)}
         guide_trace, sites, dim = self._weighed_sites(model, guide, args, kwargs, given, g)
-        totals, members, factor = [0.0] * g, [0.0] * g, 1.0
+        totals, members, factor = 0.0, 0.0, 1.0
         for name, log_prob, sign, frame in sites:
-            if frame is not None:
+            x = _per_globals_draw(log_prob, dim - 1, g)
+            if frame is None:
+                totals = totals + sign * _same_for_every_draw(name, x, dim)
+            else:
                 factor = (frame.full_size or frame.size) / frame.size
-            for i, x in enumerate(_per_globals_draw(log_prob, dim - 1, g)):
-                if frame is None:
-                    totals[i] = totals[i] + sign * _same_for_every_draw(name, x, dim)
-                else:
-                    members[i] = members[i] + sign * _per_draw_and_member(
-                        x / factor, dim, frame.dim
-                    )
-        pairs = zip(totals, members, strict=True)
-        bounds = [t + factor * _log_mean_exp(m).sum() for t, m in pairs]
-        return torch.stack(bounds), guide_trace, torch.stack(members)
+                members = members + sign * _per_draw_and_member(x / factor, dim, frame.dim)
+        bounds = totals + factor * _log_mean_exp(members, 1).sum(-1)
+        return bounds, guide_trace, members
 
     def loss(self, model, guide, *args, **kwargs):
         """The negative bound, without gradients."""
@@ -208,38 +205,42 @@ def _check_broadcast(name, site):
         )
 
 
-def _same_for_every_draw(name, log_prob, dim):
-    """A term outside the members' plate: the same for every draw of the members' locals,
-    or the model does not factorise over members and the bound would be wrong."""
-    per = _per_draw_and_member(log_prob, dim, None)[:, 0]
-    if per.shape[0] > 1 and not torch.allclose(per, per[:1].expand_as(per), rtol=1e-5, atol=1e-5):
+def _same_for_every_draw(name, x, dim):
+    """A term outside the members' plate, ``(globals draws, ...)``: the same for every draw
+    of the members' locals, or the model does not factorise over members and the bound would
+    be wrong. Returns it per globals draw."""
+    per = _per_draw_and_member(x, dim, None)[:, :, 0]
+    if per.shape[1] > 1 and not torch.allclose(per, per[:, :1].expand_as(per), 1e-5, 1e-5):
         raise ValueError(
             f"MemberImportanceELBO: site {name!r} is outside the local plate but its "
             "log-density changes with the members' locals; the member-by-member bound needs "
             "every term that depends on a member's locals inside that member's plate"
         )
-    return per.mean()
+    return per.mean(1)
 
 
 def _per_globals_draw(log_prob, dim, count):
-    """The ``count`` slices of a log-density along the globals draws' plate at ``dim``."""
+    """A log-density as ``(count, ...)``: its slices along the globals draws' plate at
+    ``dim`` first (expanded where it does not vary with them), the dims right of it kept."""
     x = torch.as_tensor(log_prob)
     x = x.reshape((1,) * max(0, -dim - x.dim()) + tuple(x.shape))
     x = x.expand(*x.shape[: x.dim() + dim], count, *x.shape[x.dim() + dim + 1 :])
-    return x.unbind(x.dim() + dim)
+    return x.movedim(x.dim() + dim, 0)
 
 
-def _per_draw_and_member(log_prob, draw_dim, member_dim):
-    """``(draws or 1, members or 1)``: summed over every other batch dimension."""
-    x = torch.as_tensor(log_prob)
-    n = max(x.dim(), -draw_dim)
-    x = x.reshape((1,) * (n - x.dim()) + tuple(x.shape))
-    keep = [n + draw_dim] + ([n + member_dim] if member_dim is not None else [])
-    other = [i for i in range(n) if i not in keep]
+def _per_draw_and_member(x, draw_dim, member_dim):
+    """``(globals draws, member draws or 1, members or 1)`` from ``x`` of shape ``(globals
+    draws, ...)``, whose dims ``draw_dim`` and ``member_dim`` (from the right) are kept and
+    every other one summed."""
+    count, rest = x.shape[0], tuple(x.shape[1:])
+    n = max(len(rest), -draw_dim)
+    x = x.reshape((count,) + (1,) * (n - len(rest)) + rest)
+    keep = [1 + n + draw_dim] + ([1 + n + member_dim] if member_dim is not None else [])
+    other = [i for i in range(1, n + 1) if i not in keep]
     if other:
         x = x.sum(other)
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(count, x.shape[1], -1)
 
 
-def _log_mean_exp(log_w):
-    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+def _log_mean_exp(log_w, dim):
+    return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])

@@ -52,7 +52,9 @@ __all__ = ["heavy_tailed", "resample_members"]
 # this one 0.03-0.04).
 HEAVY_TAIL_DF, HEAVY_TAIL_SCALE = 2.0, 3.0
 RESOLUTION_STEPS = 1000  # see _collapsed
-BATCH = 64  # globals draws weighed in one run of the guide and the model
+BATCH = 64  # globals draws weighed in one run of the guide and the model, at least
+MAX_BATCH = 4096  # and at most
+MEMBER_DRAWS_PER_RUN = 2**20  # members x K x globals draws per run, as a rule
 
 
 @torch.no_grad()
@@ -82,8 +84,9 @@ def resample_members(
     bound = MemberImportanceELBO(num_particles=member_draws)
     log_w, latents, picked = [], [], {site.name: [] for site in guide.locals.sites}
     guide_q, heavy = guide.get_posterior(), heavy_tailed(guide)
-    for start in range(0, num_samples, BATCH):
-        count = min(BATCH, num_samples - start)
+    batch_size = _batch_size(guide, member_draws)
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
         batch = torch.cat([guide_q.sample((count - count // 2,)), heavy.sample((count // 2,))])
         # a tail draw beyond float (a scale of 0) is weighed zero; the trace gets a stand-in
         ok = _representable(guide, batch)
@@ -98,55 +101,66 @@ def resample_members(
         q, q_heavy = guide_q.log_prob(safe), heavy.log_prob(safe)
         values = values + q - (torch.logaddexp(q, q_heavy) - math.log(2))
         dim = -(bound.max_plate_nesting + 2)  # the globals draws' plate
-        for i in range(count):
-            local = {site.name: _draw_of(site, trace, dim, i) for site in guide.locals.sites}
-            # a tail draw can overflow the model (e.g. exp of a huge log scale) or collapse
-            # the members' draws (a tiny one): its weight is zero, its members never picked
-            finite = bool(ok[i]) and bool(torch.isfinite(values[i]))
-            finite = finite and bool(torch.isfinite(members[i]).all())
-            finite = finite and not _collapsed(guide, local)
-            log_w.append(values[i] if finite else values.new_tensor(-math.inf))
-            latents.append(batch[i])
-            weights = members[i] if finite else torch.zeros_like(members[i])
-            choice = torch.multinomial(weights.T.softmax(-1).cpu(), 1, generator=generator)[:, 0]
-            for site in guide.locals.sites:
-                picked[site.name].append(_pick(site, local[site.name], choice))
-    if all(math.isinf(float(w)) for w in log_w):
+        local = {site.name: _draws_of(site, trace, dim, count) for site in guide.locals.sites}
+        # a tail draw can overflow the model (e.g. exp of a huge log scale) or collapse the
+        # members' draws (a tiny one): its weight is zero, its members never picked
+        finite = ok & torch.isfinite(values) & torch.isfinite(members).flatten(1).all(-1)
+        finite = finite & ~_collapsed(guide, local)
+        log_w.append(torch.where(finite, values, values.new_tensor(-math.inf)))
+        latents.append(batch)
+        weights = torch.where(finite[:, None, None], members, torch.zeros_like(members))
+        k = weights.shape[1]  # each member's draw, picked by its weight: (count, members)
+        probs = weights.transpose(1, 2).softmax(-1).reshape(-1, k).cpu()
+        choice = torch.multinomial(probs, 1, generator=generator).reshape(count, -1)
+        for site in guide.locals.sites:
+            picked[site.name].append(_pick(site, local[site.name], choice))
+    log_w = torch.cat(log_w)
+    if torch.isinf(log_w).all():
         raise ValueError(
             "importance_resample: every globals draw was outside the model's support, had a "
             "non-finite density there, or rounded its members' draws onto a few values (a "
             "local scale below float resolution); the guide is far from the posterior"
         )
-    result = PSISResult.from_log_weights(torch.stack(log_w))
+    result = PSISResult.from_log_weights(log_w)
     count = num_draws or num_samples
     index = torch.multinomial(
         result.log_weights.exp(), count, replacement=True, generator=generator
     )
-    samples = guide.latent_to_sites(torch.stack(latents)[index])
+    samples = guide.latent_to_sites(torch.cat(latents)[index])
     for name, values in picked.items():
-        like = next(value for value in values if value is not None)
-        values = [torch.zeros_like(like) if value is None else value for value in values]
-        samples[name] = torch.stack(values)[index]
+        samples[name] = torch.cat(values)[index.to(values[0].device)]
     return samples, result, index
 
 
-def _collapsed(guide, values: dict) -> bool:
-    """Some member's draws spread less than a thousand floating-point steps of their value:
-    its local scale is near the float resolution of its location (a global scale far in the
-    tail), its draws are rounded onto a few values and its weight is a rounding artefact."""
+def _batch_size(guide, member_draws: int) -> int:
+    """Globals draws per run: about a million member draws a run (few members: many globals
+    draws at once, where each run's fixed cost of Pyro's handlers dominates)."""
+    members = sum(site.members for site in guide.locals.sites)
+    return max(BATCH, min(MAX_BATCH, MEMBER_DRAWS_PER_RUN // (members * member_draws)))
+
+
+def _collapsed(guide, values: dict) -> Tensor:
+    """Per globals draw: some member's draws spread less than a thousand floating-point steps
+    of their value: its local scale is near the float resolution of its location (a global
+    scale far in the tail), its draws are rounded onto a few values and its weight is a
+    rounding artefact. ``values``: ``{site: (draws, K, ...)}``."""
+    out = None
     for site in guide.locals.sites:
         value = values[site.name]
-        resolution = torch.finfo(value.dtype).eps * value.abs().mean(0)
-        if bool((value.std(0) < RESOLUTION_STEPS * resolution).any()):
-            return True
-    return False
+        resolution = torch.finfo(value.dtype).eps * value.abs().mean(1)
+        narrow = (value.std(1) < RESOLUTION_STEPS * resolution).flatten(1).any(-1)
+        out = narrow if out is None else out | narrow
+    return out
 
 
-def _draw_of(site, trace, dim: int, i: int) -> Tensor:
-    """Globals draw ``i``'s values of a local site (its ``K`` draws of every member)."""
+def _draws_of(site, trace, dim: int, count: int) -> Tensor:
+    """A local site's values for every globals draw: ``(count, K, ...)``, the globals draws
+    first, then the ``K`` draws of every member."""
     value = trace.nodes[site.name]["value"]
     position = value.dim() + dim - site.event_dim
-    return value.select(position, i) if position >= 0 else value
+    if position < 0:  # the same for every globals draw
+        return value.expand(count, *value.shape)
+    return value.movedim(position, 0)
 
 
 def _representable(guide, latents: Tensor) -> Tensor:
@@ -172,11 +186,12 @@ def heavy_tailed(guide, df: float = HEAVY_TAIL_DF, scale: float = HEAVY_TAIL_SCA
 
 
 def _pick(site, value: Tensor, choice: Tensor) -> Tensor:
-    """Member ``i``'s draw number ``choice[i]`` of ``K`` (``value``'s leading dimension)."""
+    """Each globals draw's member ``i``'s draw number ``choice[:, i]`` of ``K``: ``value`` is
+    ``(draws, K, ...)``, the result ``(draws, *site's shape)``."""
     dims = site.batch_ndim + site.event_dim
-    value = value.reshape(value.shape[0], *value.shape[value.dim() - dims :])
+    value = value.reshape(value.shape[0], value.shape[1], *value.shape[value.dim() - dims :])
     (local,) = site.local_dims
-    shape = [1] * value.dim()
-    shape[1 + local] = -1
-    index = choice.to(value.device).reshape(shape).expand(1, *value.shape[1:])
-    return value.gather(0, index)[0]
+    shape = [value.shape[0]] + [1] * (value.dim() - 1)
+    shape[2 + local] = -1
+    index = choice.to(value.device).reshape(shape).expand(value.shape[0], 1, *value.shape[2:])
+    return value.gather(1, index)[:, 0]
