@@ -102,7 +102,7 @@ def globals_diagnostic(
             f"globals_diagnostic: {why}; the weights need every member. Call it with "
             "arguments under which the plate is whole (e.g. subsample_size=None)"
         )
-    bound = MemberImportanceELBO(num_particles=member_draws)
+    bound = MemberImportanceELBO(member_draws).find_owners(model, guide, args, kwargs)
     with torch.no_grad():
         log_w = [bound.bound(model, guide, args, kwargs) for _ in range(num_samples)]
     return PSISResult.from_log_weights(torch.stack(log_w))

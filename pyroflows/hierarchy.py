@@ -2,12 +2,13 @@ r"""Which whole plates of a model hold a hierarchy's local latents (``infer``'s 
 
 A plate is a hierarchy's level when latent sites live in it, each with a prior that is
 Gaussian in unconstrained space (``Normal``, ``LogNormal``: ``AutoFlowGuide``'s
-``local_prior="model"`` then uses that prior as it is, ``pyroflows.model_prior``), every
-observed site lies inside it (so that each member's likelihood is its own, which the member
-resampling of ``pyroflows.member_resample`` needs), and latent sites outside it (the
-globals) remain for the flow. Such plates can be declared ``local_plates``: the flow then
-carries only the globals, and each member's conditional follows them as the model says,
-which is where a centred hierarchy's funnel lives.
+``local_prior="model"`` then uses that prior as it is, ``pyroflows.model_prior``), and latent
+sites outside it (the globals) remain for the flow. Such plates can be declared
+``local_plates``: the flow then carries only the globals, and each member's conditional
+follows them as the model says, which is where a centred hierarchy's funnel lives. Weighing
+the members one by one (``pyroflows.member_resample``) also needs each observation to belong
+to one member: inside the plate, or indexing it from another plate
+(``pyroflows.member_owners`` checks that by running the model).
 
 Example:
     >>> import pyro, pyro.distributions as dist, torch
@@ -37,7 +38,6 @@ def hierarchy_plates(trace) -> tuple[tuple[str, ...], str]:
         s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)
     ]
     latent = [s for s in sites if not s["is_observed"]]
-    observed = [s for s in sites if s["is_observed"]]
 
     def plates_of(site) -> set[str]:
         return {f.name for f in site["cond_indep_stack"] if f.vectorized and f.size > 1}
@@ -48,12 +48,9 @@ def hierarchy_plates(trace) -> tuple[tuple[str, ...], str]:
     reasons = []
     for plate in candidates:
         inside = [s for s in latent if plate in plates_of(s)]
-        outside_obs = [s["name"] for s in observed if plate not in plates_of(s)]
         not_gaussian = [s["name"] for s in inside if gaussian_prior(s["fn"]) is None]
         if not_gaussian:
             reasons.append(f"plate {plate!r}: the prior of {not_gaussian[0]!r} is not Gaussian")
-        elif outside_obs:
-            reasons.append(f"plate {plate!r}: observed site {outside_obs[0]!r} lies outside it")
         elif len(inside) == len(latent):
             reasons.append(f"plate {plate!r}: no latent site outside it to be the globals")
         else:

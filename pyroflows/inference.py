@@ -42,6 +42,7 @@ from .fit import fit
 from .guides import AutoFlowGuide
 from .hierarchy import hierarchy_plates
 from .infer_weighing import ACCEPT_KHAT, ImportanceChecks
+from .member_owners import observation_owners
 from .neutra import cannot_batch, neutra_chain, neutra_chains
 from .posterior import Posterior, Route, Stage
 from .progress import check_setting
@@ -244,8 +245,13 @@ class _Run(ImportanceChecks):
         if not plates:
             stage.outcome = f"skipped: {why}"
             return
-        joint, self.guide = self.guide, AutoFlowGuide(self.model, local_plates=list(plates))
-        self.guide.setup(*self.args, **self.kwargs)
+        local = AutoFlowGuide(self.model, local_plates=list(plates))
+        local.setup(*self.args, **self.kwargs)
+        _, why = observation_owners(self.model, local, self.args, self.kwargs)
+        if why:
+            stage.outcome = f"skipped: {why}"
+            return
+        joint, self.guide = self.guide, local
         trained = self.fit(loss="elbo", num_particles=1, num_steps=FIT_STEPS)
         stage.outcome = f"local_plates={list(plates)}, {trained}"
         self.weigh(stage)

@@ -32,6 +32,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 
 from .locals import MEMBER_DRAWS, member_draws
+from .member_owners import observation_owners
 
 __all__ = ["GLOBALS_DRAWS", "MemberImportanceELBO"]
 
@@ -80,6 +81,24 @@ class MemberImportanceELBO(ELBO):
             raise ValueError(f"num_particles must be at least 1, got {num_particles}")
         super().__init__(num_particles=1, max_plate_nesting=max_plate_nesting)
         self.member_particles = num_particles
+        # {site outside the local plate: each element's member}, where the model indexes
+        # the members from another plate (pyroflows.member_owners; full data only)
+        self.owners: dict = {}
+
+    def find_owners(self, model, guide, args, kwargs) -> MemberImportanceELBO:
+        """Find, for these full-data arguments, which member each element of a site outside
+        the local plate belongs to (``pyroflows.member_owners``), for a model that indexes
+        the members from another plate; returns ``self``.
+
+        Raises ``ValueError`` where such a site's elements do not each belong to one member.
+        """
+        owners, why = observation_owners(model, guide, args, kwargs)
+        if why:
+            raise ValueError(
+                f"MemberImportanceELBO: {why}; the members cannot be integrated out one by one"
+            )
+        self.owners = owners
+        return self
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("MemberImportanceELBO draws its own traces (bound)")
@@ -110,7 +129,8 @@ class MemberImportanceELBO(ELBO):
     def _weighed_sites(self, model, guide, args, kwargs, given, draws=None):
         """Run the guide (``K`` draws of each member; its latent ``given``) and the model
         replaying it, inside a plate of ``draws`` globals draws where given: ``(guide_trace,
-        [(name, log_prob, sign, members' frame or None)], the members' draws' dim)``."""
+        [(name, log_prob, sign, members' frame or None, owners or None)], the members'
+        draws' dim)``."""
         plate = self._local_plate(model, guide, args, kwargs)
         k, dim = self.member_particles, -(self.max_plate_nesting + 1)
 
@@ -130,7 +150,8 @@ class MemberImportanceELBO(ELBO):
                     continue
                 _check_broadcast(name, site)
                 frame = next((f for f in site["cond_indep_stack"] if f.name == plate), None)
-                sites.append((name, site["log_prob"], sign, frame))
+                owners = self.owners.get(name) if sign > 0 and frame is None else None
+                sites.append((name, site["log_prob"], sign, frame, owners))
         return guide_trace, sites, dim
 
     def weigh(self, model, guide, args, kwargs, latent=None):
@@ -141,17 +162,28 @@ class MemberImportanceELBO(ELBO):
         members)."""
         given = {} if latent is None else {guide.latent_site_name: latent}
         guide_trace, sites, dim = self._weighed_sites(model, guide, args, kwargs, given)
-        total, members, factor = 0.0, 0.0, None
-        for name, log_prob, sign, frame in sites:
-            x = torch.as_tensor(log_prob)[None]  # one globals draw
+        total, members, factor = self._sums(sites, dim, 1, lambda x: torch.as_tensor(x)[None])
+        if factor is None:
+            return total[0], guide_trace, None
+        return total[0] + factor * _log_mean_exp(members[0], 0).sum(), guide_trace, members[0]
+
+    def _sums(self, sites, dim, count, per_globals_draw):
+        """``(totals (count,), members (count, K, M), factor)``: each globals draw's terms
+        outside the members and its member draws' log weights (``factor``: the local
+        plate's subsample scale, ``None`` without members)."""
+        totals, members, factor = 0.0, 0.0, None
+        size = next((site[3].size for site in sites if site[3] is not None), 0)  # members
+        for name, log_prob, sign, frame, owners in sites:
+            x = per_globals_draw(log_prob)
+            if owners is not None:
+                members = members + sign * _owned_by_member(x, dim, owners, size)
+                x = x * (owners < 0)  # what no member owns must not vary with them
             if frame is None:
-                total = total + sign * _same_for_every_draw(name, x, dim)[0]
+                totals = totals + sign * _same_for_every_draw(name, x, dim)
                 continue
             factor = (frame.full_size or frame.size) / frame.size
-            members = members + sign * _per_draw_and_member(x / factor, dim, frame.dim)[0]
-        if factor is None:
-            return total, guide_trace, None
-        return total + factor * _log_mean_exp(members, 0).sum(), guide_trace, members
+            members = members + sign * _per_draw_and_member(x / factor, dim, frame.dim)
+        return totals, members, factor
 
     @torch.no_grad()
     def weigh_many(self, model, guide, args, kwargs, latents):
@@ -163,15 +195,9 @@ class MemberImportanceELBO(ELBO):
         shape = (g,) + (1,) * (self._nesting(model, guide, args, kwargs) + 1) + latents.shape[-1:]
         given = {guide.latent_site_name: latents.reshape(shape)}
         guide_trace, sites, dim = self._weighed_sites(model, guide, args, kwargs, given, g)
-        totals, members, factor = 0.0, 0.0, 1.0
-        for name, log_prob, sign, frame in sites:
-            x = _per_globals_draw(log_prob, dim - 1, g)
-            if frame is None:
-                totals = totals + sign * _same_for_every_draw(name, x, dim)
-            else:
-                factor = (frame.full_size or frame.size) / frame.size
-                members = members + sign * _per_draw_and_member(x / factor, dim, frame.dim)
-        bounds = totals + factor * _log_mean_exp(members, 1).sum(-1)
+        per_draw = lambda x: _per_globals_draw(x, dim - 1, g)  # noqa: E731
+        totals, members, factor = self._sums(sites, dim, g, per_draw)
+        bounds = totals + (factor or 1.0) * _log_mean_exp(members, 1).sum(-1)
         return bounds, guide_trace, members
 
     def loss(self, model, guide, *args, **kwargs):
@@ -240,6 +266,26 @@ def _per_draw_and_member(x, draw_dim, member_dim):
     if other:
         x = x.sum(other)
     return x.reshape(count, x.shape[1], -1)
+
+
+def _owned_by_member(x, draw_dim, owners, members: int):
+    """``(globals draws, member draws, members)``: the elements of ``x`` (``(globals draws,
+    ...)``, the site's own dims rightmost, shaped as ``owners``) summed into the member each
+    belongs to; every other dim except ``draw_dim`` summed."""
+    count, rest = x.shape[0], tuple(x.shape[1:])
+    n = max(len(rest), -draw_dim)
+    x = x.reshape((count,) + (1,) * (n - len(rest)) + rest)
+    k = 1 + n + draw_dim
+    own_dims = range(1 + n - owners.dim(), 1 + n)
+    other = [i for i in range(1, n + 1) if i != k and i not in own_dims]
+    if other:
+        x = x.sum(other, keepdim=True)
+    x = x.movedim(k, 1)
+    x = x.expand(*x.shape[: x.dim() - owners.dim()], *owners.shape).reshape(count, x.shape[1], -1)
+    flat = owners.reshape(-1).to(x.device)
+    owned = flat >= 0
+    out = x.new_zeros(count, x.shape[1], members)
+    return out.index_add_(2, flat[owned], x[..., owned])
 
 
 def _log_mean_exp(log_w, dim):

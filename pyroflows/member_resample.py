@@ -81,7 +81,7 @@ def resample_members(
             "with arguments under which the plate is whole (e.g. subsample_size=None)"
         )
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    bound = MemberImportanceELBO(num_particles=member_draws)
+    bound = MemberImportanceELBO(member_draws).find_owners(model, guide, args, kwargs)
     log_w, latents, picked = [], [], {site.name: [] for site in guide.locals.sites}
     guide_q, heavy = guide.get_posterior(), heavy_tailed(guide)
     batch_size = _batch_size(guide, member_draws)

@@ -33,6 +33,14 @@ def indexed(y):  # the observations in another plate, indexing the members
         pyro.sample("y", dist.Normal(a[..., torch.arange(len(y)) % 3], 1.0), obs=y)
 
 
+def summed(y):  # every observation depends on every member: not a hierarchy's data
+    tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    with pyro.plate("groups", 3):
+        a = pyro.sample("a", dist.Normal(0.0, tau))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(a.sum(-1, keepdim=True), 1.0), obs=y)
+
+
 def gamma_members(y):
     tau = pyro.sample("tau", dist.HalfNormal(1.0))
     with pyro.plate("J", len(y)):
@@ -60,7 +68,7 @@ def trace_of(model, *args):
     "model, expected, why",
     [
         (centred, ("J",), ""),
-        (indexed, (), "observed site 'y' lies outside it"),
+        (indexed, ("groups",), ""),  # (each observation's member: member_owners)
         (gamma_members, (), "the prior of 'rate' is not Gaussian"),
         (no_globals, (), "no latent site outside it"),
     ],
@@ -94,11 +102,11 @@ def test_infer_answers_a_funnel_in_a_plate_at_the_locals_stage_within_mcse():
 def test_a_given_guide_or_a_non_hierarchy_skips_the_locals_stage_and_says_why():
     y = torch.tensor([1.0, 2.0, 0.0])
     for guide, why in (
-        (AutoFlowGuide(indexed), "skipped: a guide was given"),
-        (None, "skipped: plate 'groups': observed site 'y' lies outside it"),
+        (AutoFlowGuide(summed), "skipped: a guide was given"),
+        (None, "skipped: site 'y' lies outside plate 'groups' and its elements do not"),
     ):
         with pytest.warns(UserWarning, match="approximate"):  # nothing else may run
-            posterior = infer(indexed, y, guide=guide, stages=("locals",), progress=False)
+            posterior = infer(summed, y, guide=guide, stages=("locals",), progress=False)
         assert posterior.route.stages[0].name == "locals"
         assert posterior.route.stages[0].outcome.startswith(why)
 
@@ -118,3 +126,74 @@ def test_member_resampling_weighs_zero_a_tail_draw_the_model_cannot_take(dtype):
     out = importance_resample(funnel_of, guide, num_samples=8000, seed=0, warn=False)
     assert torch.isfinite(out.samples["v"]).all() and torch.isfinite(out.samples["x"]).all()
     assert abs(float(out.samples["v"].mean())) < 0.5 and out.diagnostic.ess > 2000
+
+
+def test_each_observation_is_mapped_to_the_member_it_indexes():
+    from pyroflows.member_owners import observation_owners
+
+    generator = torch.Generator().manual_seed(1)
+    group = torch.randint(0, 7, (40,), generator=generator)  # groups 0..6, some maybe empty
+    y = torch.randn(40, generator=generator)
+
+    def regression(y):
+        tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        with pyro.plate("groups", 9):  # groups 7 and 8 have no data
+            a = pyro.sample("a", dist.Normal(0.0, tau))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(a[..., group], 1.0), obs=y)
+
+    guide = AutoFlowGuide(regression, local_plates=["groups"]).setup(y)
+    owners, why = observation_owners(regression, guide, (y,), {})
+    assert why == "" and torch.equal(owners["y"], group)
+
+    def pairs(y):  # each observation depends on two members: not separable
+        tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        with pyro.plate("groups", 9):
+            a = pyro.sample("a", dist.Normal(0.0, tau))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(a[..., group] + a[..., (group + 1) % 9], 1.0), obs=y)
+
+    guide = AutoFlowGuide(pairs, local_plates=["groups"]).setup(y)
+    owners, why = observation_owners(pairs, guide, (y,), {})
+    assert owners == {} and "site 'y'" in why and "one member" in why
+    guide = AutoFlowGuide(centred, local_plates=["J"]).setup(y[:5])
+    assert observation_owners(centred, guide, (y[:5],), {}) == ({}, "")
+
+
+def test_members_indexed_from_a_data_plate_weigh_as_the_exact_marginal():
+    # One observation per member, in a data plate in shuffled order: each member's weights
+    # are exact (its Gaussian is its likelihood), so each globals draw's bound is
+    # log p(g, y) - log q(g), which a member given another's observation would miss
+    from pyroflows.member_bound import MemberImportanceELBO
+
+    pyro.set_rng_seed(0)
+    generator = torch.Generator().manual_seed(2)
+    order = torch.randperm(30, generator=generator)
+    sigma = 1.0 + torch.rand(30, generator=generator)
+    y = 1.0 + 2.0 * torch.randn(30, generator=generator)
+
+    def shuffled(sigma, y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(5.0))
+        with pyro.plate("groups", 30):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+        with pyro.plate("data", 30):
+            pyro.sample("y", dist.Normal(theta[..., order], sigma), obs=y)
+
+    guide = AutoFlowGuide(shuffled, local_plates=["groups"]).setup(sigma, y)
+    latents = guide.get_posterior().sample((6,)).detach()
+    bound = MemberImportanceELBO(num_particles=4).find_owners(shuffled, guide, (sigma, y), {})
+    many, _, members = bound.weigh_many(shuffled, guide, (sigma, y), {}, latents)
+    assert members.shape == (6, 4, 30)
+    mu, log_tau = latents[:, 0].double(), latents[:, 1].double()
+    total = (log_tau.exp()[:, None] ** 2 + sigma.double() ** 2).sqrt()
+    exact = (
+        dist.Normal(0.0, 5.0).log_prob(mu)
+        + dist.HalfNormal(5.0).log_prob(log_tau.exp())
+        + log_tau
+        + dist.Normal(mu[:, None], total).log_prob(y.double()).sum(-1)
+        - guide.get_posterior().log_prob(latents).double()
+    )
+    assert torch.allclose(many.double(), exact, rtol=1e-4, atol=2e-3)
+    with pytest.raises(ValueError, match="site 'y' is outside the local plate"):
+        MemberImportanceELBO(num_particles=4).weigh_many(shuffled, guide, (sigma, y), {}, latents)
