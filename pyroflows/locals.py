@@ -195,11 +195,11 @@ def sparse_gradients(local_latents):
 
 
 @contextmanager
-def member_draws(local_latents, draws: int, dim: int):
-    """Within this context the guide draws every member's locals ``draws`` times given one
-    globals draw, in a plate named ``MEMBER_DRAWS`` at ``dim`` (left of the model's plates):
-    the per-member importance-weighted bound (``pyroflows.objectives.MemberImportanceELBO``)."""
-    local_latents.member_draws = (draws, dim)
+def member_draws(local_latents, draws: int, dim: int, globals_draws: int = 1):
+    """Within this context the guide draws every member's locals ``draws`` times (a plate
+    ``MEMBER_DRAWS`` at ``dim``) for each of ``globals_draws`` globals draws (at ``dim - 1``),
+    fresh for each: ``pyroflows.member_bound.MemberImportanceELBO``'s bound."""
+    local_latents.member_draws = (draws, dim, globals_draws)
     try:
         yield local_latents
     finally:
@@ -254,7 +254,7 @@ class LocalLatents(nn.Module):
         super().__init__()
         self.sites = list(sites)
         self.sparse_gradients = False
-        self.member_draws: tuple[int, int] | None = None  # (draws, plate dim): see member_draws
+        self.member_draws: tuple | None = None  # (draws, plate dim, globals draws): member_draws
         self.loc = nn.ParameterList()
         self.scale_raw = nn.ParameterList()
         self.nets = nn.ModuleList()
@@ -323,8 +323,8 @@ class LocalLatents(nn.Module):
     def _draws_shape(self, site: LocalSite) -> tuple:
         if getattr(self, "member_draws", None) is None:  # (older pickles lack it)
             return ()
-        draws, dim = self.member_draws
-        return (draws,) + (1,) * (-dim - 1 + len(site.shape) - site.batch_ndim)
+        draws, dim, globals_draws = self.member_draws
+        return (globals_draws, draws) + (1,) * (-dim - 1 + len(site.shape) - site.batch_ndim)
 
     def sample(self, g: Tensor, g_std: Tensor, plates: dict, run_model=None) -> dict:
         """Sample every local site inside its plates (the guide's, so subsampled as the
@@ -349,7 +349,7 @@ class LocalLatents(nn.Module):
             with ExitStack() as stack:
                 entered = {name: stack.enter_context(plates[name]) for name in site.frames}
                 if self._draws_shape(site):
-                    draws, dim = self.member_draws
+                    draws, dim, _ = self.member_draws
                     stack.enter_context(pyro.plate(MEMBER_DRAWS, draws, dim=dim))
                 indices = [entered[name] for name in site.local_plates]
                 u, log_q = drawn.get(site.name) or self.draw(k, g, g_std, indices, shape(site))

@@ -137,7 +137,7 @@ class MemberImportanceELBO(ELBO):
         def globals_draws():
             return pyro.plate(GLOBALS_DRAWS, draws, dim=dim - 1) if draws else nullcontext()
 
-        with globals_draws(), member_draws(guide.locals, k, dim):
+        with globals_draws(), member_draws(guide.locals, k, dim, draws or 1):
             guide_trace = poutine.trace(poutine.condition(guide, given)).get_trace(*args, **kwargs)
         with globals_draws(), pyro.plate(MEMBER_DRAWS, k, dim=dim):
             replayed = poutine.replay(model, trace=guide_trace)
