@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.distributions import biject_to
 
+from .draws import draw, evaluate_at
 from .member_bound import MemberImportanceELBO
 from .psis import PSISResult
 from .subsampling import SubsampledModel, subsampled_plate, trace_at_guide_draw
@@ -129,6 +130,9 @@ def resample_members(
     samples = guide.latent_to_sites(torch.cat(latents)[index])
     for name, values in picked.items():
         samples[name] = torch.cat(values)[index.to(values[0].device)]
+    # the model's deterministic sites at each draw, as the joint guide's draws have them
+    probe = draw(model, guide, args, kwargs, 1)
+    samples.update(evaluate_at(model, args, kwargs, probe, samples)["values"])
     return samples, result, index
 
 

@@ -221,3 +221,24 @@ def test_members_whose_conditional_ignores_the_globals_get_fresh_draws_per_globa
     samples, result, _ = resample_members(noncentred, guide, (y,), {}, num_samples=2000, seed=0)
     distinct = [samples["eta"][:, j].unique().numel() for j in range(len(y))]
     assert result.ess > 500 and min(distinct) > 0.5 * result.ess
+
+
+def test_member_resampled_draws_carry_the_deterministic_sites():
+    # as every other infer answer does; the README's quickstart reads theta from them
+    y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
+    sigma = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
+
+    def schools(y, sigma):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("schools", len(y)):
+            eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+            pyro.deterministic("theta", mu + tau * eta)
+            pyro.sample("y", dist.Normal(mu + tau * eta, sigma), obs=y)
+
+    posterior = infer(schools, y, sigma, num_samples=1000, seed=0, progress=False)
+    assert "(locals)" in posterior.label
+    s = posterior.samples
+    assert s["theta"].shape == (1000, 8)
+    assert torch.allclose(s["theta"], s["mu"][:, None] + s["tau"][:, None] * s["eta"], atol=1e-5)
+    assert "theta[0]" in posterior.summary().index
