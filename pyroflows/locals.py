@@ -344,13 +344,13 @@ class LocalLatents(nn.Module):
                 return biject_to(site.support)(drawn[name][0])
 
             run_model(indices, draw)
-        values = {}
+        values, k_draws = {}, getattr(self, "member_draws", None)  # one plate, for every site
+        member_plate = k_draws and pyro.plate(MEMBER_DRAWS, k_draws[0], dim=k_draws[1])
         for k, site in enumerate(self.sites):
             with ExitStack() as stack:
                 entered = {name: stack.enter_context(plates[name]) for name in site.frames}
-                if self._draws_shape(site):
-                    draws, dim, _ = self.member_draws
-                    stack.enter_context(pyro.plate(MEMBER_DRAWS, draws, dim=dim))
+                if member_plate is not None:
+                    stack.enter_context(member_plate)
                 indices = [entered[name] for name in site.local_plates]
                 u, log_q = drawn.get(site.name) or self.draw(k, g, g_std, indices, shape(site))
                 values[site.name] = pyro.sample(site.name, self.delta(site, u, log_q))

@@ -242,3 +242,23 @@ def test_member_resampled_draws_carry_the_deterministic_sites():
     assert s["theta"].shape == (1000, 8)
     assert torch.allclose(s["theta"], s["mu"][:, None] + s["tau"][:, None] * s["eta"], atol=1e-5)
     assert "theta[0]" in posterior.summary().index
+
+
+def test_two_local_sites_in_one_plate_weigh_and_answer():
+    # each site entered its own plate of member draws, recorded twice in one trace:
+    # "Multiple sample sites named '_member_draws'" stopped the weighing
+    y = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)) + 1.0
+
+    def two_sites(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(2.0))
+        with pyro.plate("J", 6):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            s = pyro.sample("s", dist.LogNormal(0.0, 0.5))
+            with pyro.plate("n", 4, dim=-2):
+                pyro.sample("y", dist.Normal(theta, s), obs=y)
+
+    posterior = infer(two_sites, y, num_samples=1000, seed=0, progress=False)
+    stage = next(s for s in posterior.route.stages if s.name == "locals")
+    assert "local_plates=['J']" in stage.outcome
+    assert posterior.samples["theta"].shape == posterior.samples["s"].shape == (1000, 6)
