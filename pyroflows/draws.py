@@ -22,6 +22,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from .scoring import scoring
+from .sites import check_vectorised_density
 from .subsampling import refuse_subsampled
 
 __all__ = [
@@ -118,8 +119,7 @@ def draw(
                 for n in _chunks(num_samples, chunk_size)
             ]
         except (RuntimeError, ValueError, IndexError) as error:  # does not broadcast: one by one
-            # One line, the same for every call on this model (so shown once): the error's
-            # first line, not Pyro's trace-shape table.
+            # one line, the same at every call (shown once): not Pyro's trace-shape table
             name = getattr(model, "__name__", type(model).__name__)
             warnings.warn(
                 f"the model {name!r} does not run vectorised over draws "
@@ -286,6 +286,7 @@ def _vectorized(model, guide, args, kwargs, num, sites, mpn, predictive):
         poutine.trace(poutine.replay(plated(model), trace=guide_trace)).get_trace(*args, **kwargs)
     )
     out = _collect(model_trace, guide_trace, sites, num, mpn)
+    check_vectorised_density(model, args, kwargs, model_trace, out["values"], out["log_joint"])
     if predictive:
         replayed = poutine.replay(plated(model), trace=guide_trace)
         out["predictive"] = _predict(replayed, args, kwargs, sites, num, mpn)

@@ -41,7 +41,7 @@ from .draws import NOT_VECTORISED_HINT, draw, evaluate_at, runs_vectorised
 from .fit import fit
 from .guides import AutoFlowGuide
 from .hierarchy import hierarchy_plates
-from .infer_weighing import ACCEPT_KHAT, ImportanceChecks
+from .infer_weighing import ACCEPT_KHAT, CALIBRATION_PROPOSALS, ImportanceChecks
 from .member_owners import observation_owners
 from .neutra import cannot_batch, neutra_chain, neutra_chains
 from .posterior import Posterior, Route, Stage
@@ -248,10 +248,14 @@ class _Run(ImportanceChecks):
         local = AutoFlowGuide(self.model, local_plates=list(plates))
         local.setup(*self.args, **self.kwargs)
         _, why = observation_owners(self.model, local, self.args, self.kwargs)
-        if why:
-            stage.outcome = f"skipped: {why}"
-            return
         joint, self.guide = self.guide, local
+        try:  # the weighing runs the model over a plate of draws per member: refused here
+            why or self.resample(CALIBRATION_PROPOSALS, adapt=False)  # (not out of memory)
+        except ValueError as error:  # a model that does not broadcast so: the bound says where
+            why = str(error)
+        if why:
+            stage.outcome, self.guide = f"skipped: {why}", joint
+            return
         trained = self.fit(loss="elbo", num_particles=1, num_steps=FIT_STEPS)
         stage.outcome = f"local_plates={list(plates)}, {trained}"
         self.weigh(stage)

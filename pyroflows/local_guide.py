@@ -125,6 +125,8 @@ class LocalLatentsGuide:
         if self.local_prior != "model":  # the learned prior's members start wide instead
             return
         _, values = self._global_values(self.loc.detach()[None])
-        values = {name: value[0] for name, value in values.items()}
+        # the globals as the model's own run has them (a batch of one would add a dim)
+        nodes = self.prototype_trace.nodes
+        values = {name: value.reshape(nodes[name]["value"].shape) for name, value in values.items()}
         chunks = self._member_chunks(args, kwargs, self.loc.device)
         start_all_members(self.locals, self.user_model, args, kwargs, values, chunks)

@@ -85,9 +85,11 @@ def resample_members(
     bound = MemberImportanceELBO(member_draws).find_owners(model, guide, args, kwargs)
     log_w, latents, picked = [], [], {site.name: [] for site in guide.locals.sites}
     guide_q, heavy = guide.get_posterior(), heavy_tailed(guide)
-    batch_size = _batch_size(guide, member_draws)
-    for start in range(0, num_samples, batch_size):
-        count = min(batch_size, num_samples - start)
+    batch_size, start = _batch_size(guide, member_draws), 0
+    while start < num_samples:
+        # the first run small: a model that broadcasts wrongly fails there, not out of memory
+        count = min(BATCH if start == 0 else batch_size, num_samples - start)
+        start += count
         batch = torch.cat([guide_q.sample((count - count // 2,)), heavy.sample((count // 2,))])
         # a tail draw beyond float (a scale of 0) is weighed zero; the trace gets a stand-in
         ok = _representable(guide, batch)

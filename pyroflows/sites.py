@@ -25,6 +25,7 @@ __all__ = [
     "check_latent_site",
     "check_layout",
     "check_plate_sizes",
+    "check_vectorised_density",
     "describe_layout",
     "enumerated",
     "init_to_median",
@@ -255,3 +256,26 @@ def unconstrained_energy(model, prototype_trace, unconstrained_shapes: dict, arg
         return -(trace.log_prob_sum() + log_det)
 
     return energy
+
+
+def check_vectorised_density(model, args, kwargs, trace, values: dict, log_joint) -> None:
+    """The log density of a run over a plate of draws (``trace``; ``values`` holds each
+    site's draws, ``log_joint`` each draw's total) must be the model's own at the
+    first draw: a model can broadcast over the draws without an error and still wrongly
+    (``x[..., None, :]`` on a batched ``x`` adds a dimension, and the densities are summed
+    over the wrong cells). Raises ``ValueError`` (a shape error: callers then run one draw
+    at a time) where they differ. Skipped for a subsampled run (another would draw other
+    members)."""
+    for site in trace.nodes.values():
+        if any(f.full_size not in (None, f.size) for f in site.get("cond_indep_stack", ())):
+            return
+    with poutine.block():
+        latent = {n: v[0] for n, v in values.items() if not trace.nodes[n]["is_observed"]}
+        conditioned = poutine.condition(model, data=latent)
+        one = poutine.trace(conditioned).get_trace(*args, **kwargs).log_prob_sum().detach()
+    vectorised = log_joint[0].detach()
+    if torch.isfinite(one) and not torch.isclose(vectorised, one.to(vectorised), 1e-4, 1e-3):
+        raise ValueError(
+            f"run over a plate of draws, the model's log density has the wrong shape: "
+            f"{float(vectorised):.6g} at a draw where the model alone gives {float(one):.6g}"
+        )

@@ -227,3 +227,30 @@ def test_observed_data_broadcast_up_to_the_batch_shape_is_drawn():
     assert math.isfinite(result.k_hat)
     assert idata.log_likelihood["y"].sizes["data"] == 12
     assert idata.posterior["beta"].shape == (1, 20, 3, 2)
+
+
+def test_a_model_that_broadcasts_wrongly_over_draws_is_run_draw_by_draw():
+    # mu[..., None, :] adds a dimension once mu is batched: the run over a plate of draws
+    # raised nothing and summed the densities over the wrong cells (log joint about twice
+    # the model's own), silently wrong weights; now caught at the first draw
+    from pyroflows.draws import draw, runs_vectorised
+
+    y = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+
+    def vector_member(y):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(3), 5.0).to_event(1))
+        tau = pyro.sample("tau", dist.HalfNormal(2.0))
+        with pyro.plate("J", 6):
+            loc, scale = mu[..., None, :], tau[..., None, None]
+            theta = pyro.sample("theta", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("y", dist.Normal(theta, 1.0).to_event(1), obs=y)
+
+    guide = AutoFlowGuide(vector_member).setup(y)
+    assert not runs_vectorised(vector_member, guide, (y,), {}, num=8)
+    with pytest.warns(UserWarning, match="wrong shape"):
+        draws = draw(vector_member, guide, (y,), {}, 4)
+    for i in range(4):
+        latent = {n: draws.values[n][i] for n in ("mu", "tau", "theta")}
+        conditioned = pyro.poutine.condition(vector_member, data=latent)
+        one = pyro.poutine.trace(conditioned).get_trace(y).log_prob_sum()
+        assert torch.isclose(draws.log_joint[i], one, rtol=1e-4, atol=1e-3)

@@ -262,3 +262,20 @@ def test_two_local_sites_in_one_plate_weigh_and_answer():
     stage = next(s for s in posterior.route.stages if s.name == "locals")
     assert "local_plates=['J']" in stage.outcome
     assert posterior.samples["theta"].shape == posterior.samples["s"].shape == (1000, 6)
+
+
+def test_members_start_with_the_globals_shaped_as_the_model_has_them():
+    # the start ran the model with a vector global shaped (1, 3), not (3,): a model that
+    # indexes it as mu[..., None, :] (fine on its own) got an extra dim and setup crashed
+    y = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+
+    def vector_member(y):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(3), 5.0).to_event(1))
+        tau = pyro.sample("tau", dist.HalfNormal(2.0))
+        with pyro.plate("J", 6):
+            theta = pyro.sample("theta", dist.Normal(mu[..., None, :], tau).to_event(1))
+            pyro.sample("y", dist.Normal(theta, 1.0).to_event(1), obs=y)
+
+    guide = AutoFlowGuide(vector_member, local_plates=["J"]).setup(y)
+    loc = guide.locals.loc[0].detach()  # (members, 3): the Laplace share of a N(y, 1) each
+    assert torch.allclose(loc, y, atol=1e-4)
