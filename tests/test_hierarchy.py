@@ -160,45 +160,6 @@ def test_each_observation_is_mapped_to_the_member_it_indexes():
     assert observation_owners(centred, guide, (y[:5],), {}) == ({}, "")
 
 
-def test_members_indexed_from_a_data_plate_weigh_as_the_exact_marginal():
-    # One observation per member, in a data plate in shuffled order: each member's weights
-    # are exact (its Gaussian is its likelihood), so each globals draw's bound is
-    # log p(g, y) - log q(g), which a member given another's observation would miss
-    from pyroflows.member_bound import MemberImportanceELBO
-
-    pyro.set_rng_seed(0)
-    generator = torch.Generator().manual_seed(2)
-    order = torch.randperm(30, generator=generator)
-    sigma = 1.0 + torch.rand(30, generator=generator)
-    y = 1.0 + 2.0 * torch.randn(30, generator=generator)
-
-    def shuffled(sigma, y):
-        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-        tau = pyro.sample("tau", dist.HalfNormal(5.0))
-        with pyro.plate("groups", 30):
-            theta = pyro.sample("theta", dist.Normal(mu, tau))
-        with pyro.plate("data", 30):
-            pyro.sample("y", dist.Normal(theta[..., order], sigma), obs=y)
-
-    guide = AutoFlowGuide(shuffled, local_plates=["groups"]).setup(sigma, y)
-    latents = guide.get_posterior().sample((6,)).detach()
-    bound = MemberImportanceELBO(num_particles=4).find_owners(shuffled, guide, (sigma, y), {})
-    many, _, members = bound.weigh_many(shuffled, guide, (sigma, y), {}, latents)
-    assert members.shape == (6, 4, 30)
-    mu, log_tau = latents[:, 0].double(), latents[:, 1].double()
-    total = (log_tau.exp()[:, None] ** 2 + sigma.double() ** 2).sqrt()
-    exact = (
-        dist.Normal(0.0, 5.0).log_prob(mu)
-        + dist.HalfNormal(5.0).log_prob(log_tau.exp())
-        + log_tau
-        + dist.Normal(mu[:, None], total).log_prob(y.double()).sum(-1)
-        - guide.get_posterior().log_prob(latents).double()
-    )
-    assert torch.allclose(many.double(), exact, rtol=1e-4, atol=2e-3)
-    with pytest.raises(ValueError, match="site 'y' is outside the local plate"):
-        MemberImportanceELBO(num_particles=4).weigh_many(shuffled, guide, (sigma, y), {}, latents)
-
-
 def test_members_whose_conditional_ignores_the_globals_get_fresh_draws_per_globals_draw():
     # A non-centred member (prior N(0, 1), its Gaussian fixed) has the same conditional at
     # every globals draw; the weighing ran all globals draws of a run on one set of K draws,

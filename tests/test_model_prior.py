@@ -209,16 +209,22 @@ def test_weighing_many_globals_draws_at_once_matches_one_at_a_time():
     with torch.no_grad():
         one = [bound.weigh(model, guide, (sigma, y, None), {}, g)[0] for g in latents]
     assert torch.allclose(many, torch.stack(one), rtol=1e-4, atol=1e-3)
+    exact = exact_bound(guide, latents, sigma, y)
+    assert torch.allclose(many.double(), exact, rtol=1e-4, atol=2e-3)
+
+
+def exact_bound(guide, latents, sigma, y):
+    """log p(g, y) - log q(g) on the unconstrained scale at globals draws ``(mu, log tau)``,
+    every theta_i integrated out: y_i ~ N(mu, sqrt(tau^2 + sigma_i^2))."""
     mu, log_tau = latents[:, 0].double(), latents[:, 1].double()
     total = (log_tau.exp()[:, None] ** 2 + sigma.double() ** 2).sqrt()
-    exact = (
+    return (
         dist.Normal(0.0, 5.0).log_prob(mu)
         + dist.HalfNormal(5.0).log_prob(log_tau.exp())
         + log_tau
         + dist.Normal(mu[:, None], total).log_prob(y.double()).sum(-1)
         - guide.get_posterior().log_prob(latents).double()
     )
-    assert torch.allclose(many.double(), exact, rtol=1e-4, atol=2e-3)
 
 
 def test_a_pickled_guide_leaves_the_model_and_data_behind_and_says_what_to_do():
@@ -252,3 +258,34 @@ def test_a_member_without_data_starts_wide_and_finite(dtype):
 
     result = fit(funnel, guide, num_steps=20, progress=False, diagnose=False, seed=0)
     assert result.num_steps == 20 and all(torch.isfinite(p).all() for p in guide.parameters())
+
+
+def test_members_indexed_from_a_data_plate_weigh_as_the_exact_marginal():
+    # One observation per member, in a data plate in shuffled order: each member's weights
+    # are exact (its Gaussian is its likelihood), so each globals draw's bound is
+    # log p(g, y) - log q(g), which a member given another's observation would miss
+    from pyroflows.member_bound import MemberImportanceELBO
+
+    pyro.set_rng_seed(0)
+    generator = torch.Generator().manual_seed(2)
+    order = torch.randperm(30, generator=generator)
+    sigma = 1.0 + torch.rand(30, generator=generator)
+    y = 1.0 + 2.0 * torch.randn(30, generator=generator)
+
+    def shuffled(sigma, y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(5.0))
+        with pyro.plate("groups", 30):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+        with pyro.plate("data", 30):
+            pyro.sample("y", dist.Normal(theta[..., order], sigma), obs=y)
+
+    guide = AutoFlowGuide(shuffled, local_plates=["groups"]).setup(sigma, y)
+    latents = guide.get_posterior().sample((6,)).detach()
+    bound = MemberImportanceELBO(num_particles=4).find_owners(shuffled, guide, (sigma, y), {})
+    many, _, members = bound.weigh_many(shuffled, guide, (sigma, y), {}, latents)
+    assert members.shape == (6, 4, 30)
+    exact = exact_bound(guide, latents, sigma, y)  # (theta[order[n]] sees y[n]: the same)
+    assert torch.allclose(many.double(), exact, rtol=1e-4, atol=2e-3)
+    with pytest.raises(ValueError, match="site 'y' is outside the local plate"):
+        MemberImportanceELBO(num_particles=4).weigh_many(shuffled, guide, (sigma, y), {}, latents)
