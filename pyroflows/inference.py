@@ -6,10 +6,10 @@ The route (``benchmarks/RESULTS.md``, "infer: the route" has the measurements be
    importance-resampled (Pathfinder's lesson: a near-Gaussian posterior needs no long
    optimisation). Skipped where the model has no sound mode (a funnel).
 2. ``locals``: for a hierarchy (``pyroflows.hierarchy``: a plate whose latents have Gaussian
-   priors and hold every observation), a flow on the globals only, each member's latents
-   drawn from the model's own prior times a Gaussian, the globals importance-resampled
-   with every member integrated out. A centred hierarchy's funnel is then in the model's
-   prior, exactly, rather than in the flow.
+   priors, each observation belonging to one member: ``pyroflows.member_owners``), a flow on
+   the globals only, each member's latents drawn from the model's own prior times a
+   Gaussian, the globals importance-resampled with every member integrated out. A centred
+   hierarchy's funnel is then in the model's prior, exactly, rather than in the flow.
 3. ``fit``: the default flow fitted by ``fit`` (ELBO; stopped once k-hat on a check is below
    the bar), importance-resampled from fresh draws.
 4. ``dreg``: the same flow refitted on the importance-weighted bound with 8 particles and
@@ -128,15 +128,14 @@ def infer(
         raise TypeError(f"infer: guide must be an AutoFlowGuide, got {type(guide).__name__}")
     if seed is not None:
         pyro.set_rng_seed(seed)
-    run = _Run(model, guide, args, kwargs, num_samples, progress, time_budget, min_ess)
-    run.given = given
+    run = _Run(model, guide, args, kwargs, num_samples, progress, time_budget, min_ess, given)
     return run.go([s for s in STAGES if s in stages])
 
 
 class _Run(ImportanceChecks):
     """The state of one ``infer`` call: clock, route, best answer so far."""
 
-    def __init__(self, model, guide, args, kwargs, num_samples, progress, budget, min_ess):
+    def __init__(self, model, guide, args, kwargs, num_samples, progress, budget, min_ess, given):
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.num_samples = num_samples
         self.progress = progress
@@ -151,7 +150,7 @@ class _Run(ImportanceChecks):
         self.modes = None  # the multi-start search (pyroflows.modes), run once, when needed
         self.missed = []  # modes the last accepted guide did not reach
         self.hierarchy = ((), "")  # plates that can be local latents, or why none
-        self.given = False  # whether the user gave the guide (the locals stage makes its own)
+        self.given = given  # whether the user gave the guide (the locals stage makes its own)
         self.per_proposal = {}  # seconds per weighed draw, per guide (id), as last measured
 
     def left(self) -> float:
@@ -249,10 +248,11 @@ class _Run(ImportanceChecks):
         local.setup(*self.args, **self.kwargs)
         _, why = observation_owners(self.model, local, self.args, self.kwargs)
         joint, self.guide = self.guide, local
-        try:  # the weighing runs the model over a plate of draws per member: refused here
-            why or self.resample(CALIBRATION_PROPOSALS, adapt=False)  # (not out of memory)
-        except ValueError as error:  # a model that does not broadcast so: the bound says where
-            why = str(error)
+        if not why:  # a first small weighing: a model whose broadcasting the member weighing
+            try:  # refuses is refused here, naming the site (not later, out of memory)
+                self.resample(CALIBRATION_PROPOSALS, adapt=False)
+            except ValueError as error:
+                why = str(error)
         if why:
             stage.outcome, self.guide = f"skipped: {why}", joint
             return
