@@ -225,7 +225,9 @@ class _Run(ImportanceChecks):
     def without_locals(self) -> str:
         if self.given:
             return "a guide was given: infer fits that one"
-        if self.guide.local_sites or self.subsampled:
+        if self.subsampled:  # (fit's guide already has local latents there)
+            return f"{self.subsampled}; the fit stage's guide has its local latents"
+        if self.guide.local_sites:
             return "the guide has local latents already"
         return "the model does not broadcast over draws"
 

@@ -331,6 +331,11 @@ def test_infer_on_a_subsampled_model_returns_guide_draws_of_every_member_and_say
     assert list(posterior.summary().columns[:2]) == ["mean", "sd"]  # stats, no R-hat
     with pytest.raises(ValueError, match="local latents \\(theta\\)"):
         neutra(hierarchical, guide, sigma, y, 10)
+    with pytest.warns(UserWarning, match="approximate"):  # infer's own guide, the same
+        posterior = infer(hierarchical, sigma, y, 10, stages=("locals",), progress=False)
+    assert posterior.route.stages[0].outcome.startswith(
+        "skipped: plate 'groups' is subsampled (10 of 40); the fit stage's guide has"
+    )
 
 
 def test_the_member_bound_is_the_elbo_at_one_draw_and_exact_with_the_exact_conditional():
