@@ -75,6 +75,8 @@ def observation_owners(model, guide, args, kwargs) -> tuple[dict[str, Tensor], s
         return {name: log_p[name] != base[name] for name in outside}
 
     depends = changed(torch.ones(members, dtype=torch.bool))
+    if not any(bool(d.any()) for d in depends.values()):  # the usual case: data in the plate
+        return {}, ""
     owners = {name: torch.zeros_like(base[name], dtype=torch.long) for name in outside}
     for bit in range(max(1, math.ceil(math.log2(members)))):
         moved = (torch.arange(members) >> bit) & 1 == 1
