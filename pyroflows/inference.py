@@ -42,6 +42,7 @@ from .fit import fit
 from .guides import AutoFlowGuide
 from .hierarchy import hierarchy_plates
 from .infer_weighing import ACCEPT_KHAT, CALIBRATION_PROPOSALS, ImportanceChecks
+from .member_bound import MembersNotSeparable
 from .member_owners import observation_owners
 from .neutra import cannot_batch, neutra_chain, neutra_chains
 from .posterior import Posterior, Route, Stage
@@ -253,7 +254,7 @@ class _Run(ImportanceChecks):
         if not why:  # a first small weighing: a model whose broadcasting the member weighing
             try:  # refuses is refused here, naming the site (not later, out of memory)
                 self.resample(CALIBRATION_PROPOSALS, adapt=False)
-            except ValueError as error:
+            except MembersNotSeparable as error:  # its message names the site
                 why = str(error)
         if why:
             stage.outcome, self.guide = f"skipped: {why}", joint

@@ -34,9 +34,15 @@ from pyro.util import warn_if_nan
 from .locals import MEMBER_DRAWS, member_draws
 from .member_owners import observation_owners
 
-__all__ = ["GLOBALS_DRAWS", "MemberImportanceELBO"]
+__all__ = ["GLOBALS_DRAWS", "MemberImportanceELBO", "MembersNotSeparable"]
 
 GLOBALS_DRAWS = "_globals_draws"  # the plate of several globals draws (weigh_many)
+
+
+class MembersNotSeparable(ValueError):
+    """The model cannot be weighed member by member: a term that depends on several
+    members, or a log-density that does not broadcast over the draws' plates (the message
+    names the site)."""
 
 
 class MemberImportanceELBO(ELBO):
@@ -94,7 +100,7 @@ class MemberImportanceELBO(ELBO):
         """
         owners, why = observation_owners(model, guide, args, kwargs)
         if why:
-            raise ValueError(
+            raise MembersNotSeparable(
                 f"MemberImportanceELBO: {why}; the members cannot be integrated out one by one"
             )
         self.owners = owners
@@ -162,19 +168,20 @@ class MemberImportanceELBO(ELBO):
         members)."""
         given = {} if latent is None else {guide.latent_site_name: latent}
         guide_trace, sites, dim = self._weighed_sites(model, guide, args, kwargs, given)
-        total, members, factor = self._sums(sites, dim, 1, lambda x: torch.as_tensor(x)[None])
+        total, members, factor = self._sums(sites, dim)
         if factor is None:
             return total[0], guide_trace, None
         return total[0] + factor * _log_mean_exp(members[0], 0).sum(), guide_trace, members[0]
 
-    def _sums(self, sites, dim, count, per_globals_draw):
-        """``(totals (count,), members (count, K, M), factor)``: each globals draw's terms
-        outside the members and its member draws' log weights (``factor``: the local
-        plate's subsample scale, ``None`` without members)."""
+    def _sums(self, sites, dim, draws=None):
+        """``(totals (G,), members (G, K, M), factor)``: each globals draw's terms outside
+        the members and its member draws' log weights, for ``draws`` globals draws in a
+        plate left of the members' draws (``None``: one, ``G = 1``); ``factor`` is the
+        local plate's subsample scale, ``None`` without members."""
         totals, members, factor = 0.0, 0.0, None
         size = next((site[3].size for site in sites if site[3] is not None), 0)  # members
         for name, log_prob, sign, frame, owners in sites:
-            x = per_globals_draw(log_prob)
+            x = _per_globals_draw(log_prob, dim - 1, draws or 1)
             if owners is not None:
                 members = members + sign * _owned_by_member(x, dim, owners, size)
                 x = x * (owners < 0)  # what no member owns must not vary with them
@@ -195,8 +202,7 @@ class MemberImportanceELBO(ELBO):
         shape = (g,) + (1,) * (self._nesting(model, guide, args, kwargs) + 1) + latents.shape[-1:]
         given = {guide.latent_site_name: latents.reshape(shape)}
         guide_trace, sites, dim = self._weighed_sites(model, guide, args, kwargs, given, g)
-        per_draw = lambda x: _per_globals_draw(x, dim - 1, g)  # noqa: E731
-        totals, members, factor = self._sums(sites, dim, g, per_draw)
+        totals, members, factor = self._sums(sites, dim, g)
         bounds = totals + (factor or 1.0) * _log_mean_exp(members, 1).sum(-1)
         return bounds, guide_trace, members
 
@@ -224,7 +230,7 @@ def _check_broadcast(name, site):
     stray = [i - len(shape) for i, size in enumerate(shape) if size > 1]
     stray = [d for d in stray if d not in dims]
     if stray:
-        raise ValueError(
+        raise MembersNotSeparable(
             f"MemberImportanceELBO: at site {name!r} the log-density has shape "
             f"{tuple(shape)}, whose dimension {stray[0]} is in no plate: the model must "
             "broadcast over a plate left of its own (as for vectorised particles)"
@@ -237,7 +243,7 @@ def _same_for_every_draw(name, x, dim):
     be wrong. Returns it per globals draw."""
     per = _per_draw_and_member(x, dim, None)[:, :, 0]
     if per.shape[1] > 1 and not torch.allclose(per, per[:, :1].expand_as(per), 1e-5, 1e-5):
-        raise ValueError(
+        raise MembersNotSeparable(
             f"MemberImportanceELBO: site {name!r} is outside the local plate but its "
             "log-density changes with the members' locals; the member-by-member bound needs "
             "every term that depends on a member's locals inside that member's plate"
