@@ -3,6 +3,7 @@
     python -m benchmarks.infer                           # every posterior, seeds 0 1 2
     python -m benchmarks.infer --posteriors funnel_d10 --seeds 0 --nuts
     python -m benchmarks.infer --numpyro --no-infer      # NumPyro's NUTS (the bench extra)
+    python -m benchmarks.infer --heldout --nuts --numpyro  # the held-out set (heldout.py)
     python -m benchmarks.infer --report                  # re-render results/infer.md
 
 Each run is a fresh process with ``--threads`` torch threads (default 2): the timed call is
@@ -10,8 +11,8 @@ Each run is a fresh process with ``--threads`` torch threads (default 2): the ti
 to the draws, scored on those draws (``posteriors.score``). ``--nuts`` adds Pyro's NUTS (one
 chain, 500 warm-up, 1000 draws, default settings, ``jit_compile=False``, started at
 ``init_to_median`` since Pyro's default init cannot start a flat prior) on the same
-posterior, scored the same way. Rows go to ``results/infer.jsonl``; the table to
-``results/infer.md``, which RESULTS.md includes.
+posterior, scored the same way; ``--nuts-jit`` the same with ``jit_compile=True``. Rows go
+to ``results/infer.jsonl``; the table to ``results/infer.md``, which RESULTS.md includes.
 """
 
 from __future__ import annotations
@@ -27,19 +28,21 @@ from pathlib import Path
 import pyro
 import torch
 
+from .heldout import HELDOUT
 from .posteriors import ADDED, POSTERIORS, require_posteriordb, score
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = RESULTS / "infer.jsonl"
 TABLE = RESULTS / "infer.md"
 NUM_SAMPLES = 10_000
+ALL = {**POSTERIORS, **ADDED, **HELDOUT}
 
 
 def run_infer(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     from pyroflows import infer
 
-    posterior = {**POSTERIORS, **ADDED}[job["posterior"]]()
+    posterior = ALL[job["posterior"]]()
     pyro.clear_param_store()
     start = time.perf_counter()
     result = infer(
@@ -63,7 +66,7 @@ def run_nuts(job: dict) -> dict:
 
     from pyroflows import init_to_median
 
-    posterior = {**POSTERIORS, **ADDED}[job["posterior"]]()
+    posterior = ALL[job["posterior"]]()
     pyro.set_rng_seed(job["seed"])
     start = time.perf_counter()
     # Pyro's default init (uniform in (-2, 2)) needs a prior it can sample; flat priors
@@ -92,7 +95,7 @@ def run_numpyro(job: dict) -> dict:
 
     from .numpyro_ports import port
 
-    posterior = {**POSTERIORS, **ADDED}[job["posterior"]]()
+    posterior = ALL[job["posterior"]]()
     model, args = port(job["posterior"], posterior)
     start = time.perf_counter()
     mcmc = MCMC(NUTS(model), num_warmup=500, num_samples=1000, progress_bar=False)
@@ -122,6 +125,24 @@ def render() -> None:
     latest = {}
     for row in rows:
         latest[(row["posterior"], row["method"], row["seed"])] = row
+    benchmark = {k: r for k, r in latest.items() if k[0] not in HELDOUT}
+    heldout = {k: r for k, r in latest.items() if k[0] in HELDOUT}
+    lines = [*table(benchmark), ""]
+    if heldout:
+        lines += [
+            "**Held-out set** (`benchmarks/heldout.py`: six posteriordb posteriors frozen on "
+            "2026-12-01, before any was run through `infer`; nothing tuned on them):",
+            "",
+            *table(heldout),
+            "",
+        ]
+    lines += ["![error against wall time, infer and NUTS](results/infer.png)"]
+    TABLE.write_text("\n".join(lines) + "\n")
+    print(TABLE.read_text())
+    plot(latest)
+
+
+def table(latest: dict) -> list:
     by_posterior = {}
     for (name, method, _), row in sorted(latest.items()):
         by_posterior.setdefault(name, {}).setdefault(method, []).append(row)
@@ -146,10 +167,7 @@ def render() -> None:
                 f"| {name} | {method} | {len(ok)} | {each('seconds')} | {each('max_dmean')} "
                 f"| {each('max_dlogsd')} | {med:.3f} | {label} |"
             )
-    lines += ["", "![error against wall time, infer and NUTS](results/infer.png)"]
-    TABLE.write_text("\n".join(lines) + "\n")
-    print(TABLE.read_text())
-    plot(latest)
+    return lines
 
 
 def plot(latest: dict) -> None:
@@ -187,20 +205,25 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-samples", type=int, default=NUM_SAMPLES)
     parser.add_argument("--nuts", action="store_true", help="also Pyro's NUTS (seed 0)")
+    parser.add_argument("--nuts-jit", action="store_true", help="also Pyro's NUTS, jit_compile")
     parser.add_argument("--numpyro", action="store_true", help="also NumPyro's NUTS (seed 0)")
+    parser.add_argument("--heldout", action="store_true", help="the held-out set (heldout.py)")
     parser.add_argument("--no-infer", action="store_true")
     parser.add_argument("--method", default="infer", help="row label for these infer runs")
     parser.add_argument("--options", default="{}", help="JSON keywords for infer")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args(argv)
     if not args.report:
-        posteriors = args.posteriors or [*POSTERIORS, *ADDED]
-        require_posteriordb(posteriors)
+        posteriors = args.posteriors or [*(HELDOUT if args.heldout else (*POSTERIORS, *ADDED))]
+        require_posteriordb([name for name in posteriors if name not in HELDOUT])
         jobs = []
         for name in posteriors:
             common = {"posterior": name, "threads": args.threads}
             if args.nuts:
                 jobs.append({**common, "method": "nuts (Pyro)", "seed": 0})
+            if args.nuts_jit:
+                jit = {"method": "nuts (Pyro, jit_compile)", "seed": 0, "jit": True}
+                jobs.append({**common, **jit})
             if args.numpyro:
                 jobs.append({**common, "method": "nuts (NumPyro)", "seed": 0})
             if not args.no_infer:

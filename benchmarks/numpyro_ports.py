@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as nd
@@ -152,6 +153,95 @@ def heavy_tails(dim, df=1.5):
     numpyro.sample("x", nd.StudentT(df, jnp.zeros(dim), 1.0).to_event(1))
 
 
+def dugongs(x, y):
+    alpha = numpyro.sample("alpha", nd.Normal(0.0, 1000.0))
+    beta = numpyro.sample("beta", nd.Normal(0.0, 1000.0))
+    lam = numpyro.sample("lambda", nd.Uniform(0.5, 1.0))
+    tau = numpyro.sample("tau", nd.Gamma(1e-4, 1e-4))
+    with numpyro.plate("N", len(y)):
+        numpyro.sample("y", nd.Normal(alpha - beta * lam**x, 1 / jnp.sqrt(tau)), obs=y)
+
+
+def surgical(n, r, centred=True):
+    mu = numpyro.sample("mu", nd.Normal(0.0, 1000.0))
+    sigmasq = numpyro.sample("sigmasq", nd.InverseGamma(1e-3, 1e-3))
+    with numpyro.plate("hospitals", len(n)):
+        b = hierarchy("b", mu, jnp.sqrt(sigmasq), centred)
+        numpyro.sample("r", nd.Binomial(n, logits=b), obs=r)
+
+
+def seeds(total, x1, x2, germinated, centred=True):
+    alpha0 = numpyro.sample("alpha0", nd.Normal(0.0, 1000.0))
+    alpha1 = numpyro.sample("alpha1", nd.Normal(0.0, 1000.0))
+    alpha12 = numpyro.sample("alpha12", nd.Normal(0.0, 1000.0))
+    alpha2 = numpyro.sample("alpha2", nd.Normal(0.0, 1000.0))
+    tau = numpyro.sample("tau", nd.Gamma(1e-3, 1e-3))
+    with numpyro.plate("plates", len(total)):
+        b = hierarchy("b", 0.0, 1 / jnp.sqrt(tau), centred)
+        logits = alpha0 + alpha1 * x1 + alpha2 * x2 + alpha12 * x1 * x2 + b
+        numpyro.sample("n", nd.Binomial(total, logits=logits), obs=germinated)
+
+
+def rats(rat, x, y, centred=True):
+    flat = nd.ImproperUniform(constraints.positive, (), ())
+    mu_alpha = numpyro.sample("mu_alpha", nd.Normal(0.0, 100.0))
+    mu_beta = numpyro.sample("mu_beta", nd.Normal(0.0, 100.0))
+    sigma_y = numpyro.sample("sigma_y", flat)
+    sigma_alpha = numpyro.sample("sigma_alpha", flat)
+    sigma_beta = numpyro.sample("sigma_beta", flat)
+    with numpyro.plate("rats", 30):
+        alpha = hierarchy("alpha", mu_alpha, sigma_alpha, centred)
+        beta = hierarchy("beta", mu_beta, sigma_beta, centred)
+    with numpyro.plate("points", len(y)):
+        numpyro.sample("y", nd.Normal(alpha[rat] + beta[rat] * x, sigma_y), obs=y)
+
+
+def glm_poisson(year, count):
+    alpha = numpyro.sample("alpha", nd.Uniform(-20.0, 20.0))
+    beta1 = numpyro.sample("beta1", nd.Uniform(-10.0, 10.0))
+    beta2 = numpyro.sample("beta2", nd.Uniform(-10.0, 10.0))
+    beta3 = numpyro.sample("beta3", nd.Uniform(-10.0, 10.0))
+    with numpyro.plate("years", len(year)):
+        log_rate = alpha + beta1 * year + beta2 * year**2 + beta3 * year**3
+        numpyro.sample("C", nd.Poisson(jnp.exp(log_rate)), obs=count)
+
+
+def arma11(y):
+    mu = numpyro.sample("mu", nd.Normal(0.0, 10.0))
+    phi = numpyro.sample("phi", nd.Normal(0.0, 2.0))
+    theta = numpyro.sample("theta", nd.Normal(0.0, 2.0))
+    sigma = numpyro.sample("sigma", nd.HalfCauchy(2.5))
+
+    def step(previous_err, t):
+        err = y[t] - (mu + phi * y[t - 1] + theta * previous_err)
+        return err, err
+
+    first = y[0] - (mu + phi * mu)
+    _, rest = jax.lax.scan(step, first, jnp.arange(1, len(y)))
+    err = jnp.concatenate([first[None], rest])
+    numpyro.factor("y", nd.Normal(0.0, sigma).log_prob(err).sum())
+
+
+def hierarchy(name, loc, scale, centred):
+    """``Normal(loc, scale)`` as a latent, or its non-centred form (the references' sampler:
+    the same posterior without the funnel), recorded under the same name."""
+    if centred:
+        return numpyro.sample(name, nd.Normal(loc, scale))
+    z = numpyro.sample(f"{name}_z", nd.Normal(0.0, 1.0))
+    return numpyro.deterministic(name, loc + scale * z)
+
+
+HELDOUT = {
+    "dugongs": dugongs,
+    "surgical": surgical,
+    "seeds": seeds,
+    "rats": rats,
+    "glm_poisson": glm_poisson,
+    "arma11": arma11,
+}
+HIERARCHICAL = ("surgical", "seeds", "rats")
+
+
 def _array(value):
     return jnp.asarray(value.numpy()) if isinstance(value, torch.Tensor) else value
 
@@ -171,6 +261,8 @@ def port(name: str, posterior):
     }
     if name in simple:
         return simple[name], args
+    if name in HELDOUT:
+        return HELDOUT[name], args
     if name == "kilpisjarvi":
         return kilpisjarvi, (*args, posterior.extra["prior"])
     if name.startswith("funnel_d"):

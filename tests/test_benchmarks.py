@@ -5,17 +5,19 @@ import pyro
 import pytest
 import torch
 
+from benchmarks.heldout import HELDOUT
 from benchmarks.posteriors import ADDED, ANALYTIC, OWN_REFERENCES, POSTERIORDB, POSTERIORS
 from pyroflows import AutoFlowGuide
 from pyroflows.draws import draw
 
 
-@pytest.mark.parametrize("name", [*POSTERIORS, *ADDED])
+@pytest.mark.parametrize("name", [*POSTERIORS, *ADDED, *HELDOUT])
 def test_port_draws_vectorised_and_names_every_reference_parameter(name, recwarn):
-    if not POSTERIORDB.exists() and name not in (*ANALYTIC, *OWN_REFERENCES):
+    if not POSTERIORDB.exists() and name not in (*ANALYTIC, *OWN_REFERENCES, *HELDOUT):
         pytest.skip(f"no posteriordb at {POSTERIORDB}")
     pyro.clear_param_store()
-    posterior = {**POSTERIORS, **ADDED}[name]()
+    posterior = {**POSTERIORS, **ADDED, **HELDOUT}[name]()
+    assert posterior.reference, f"{name} has no reference"
     guide = AutoFlowGuide(posterior.model)
     guide(*posterior.args)
     draws = draw(posterior.model, guide, posterior.args, {}, 50)
@@ -133,12 +135,12 @@ def test_the_exact_hierarchical_reference_has_the_limits_it_must():
 
 
 @pytest.mark.slow  # JAX dispatches op by op outside jit: ~2 s a model
-@pytest.mark.parametrize("name", [n for n in [*POSTERIORS, *ADDED] if n != "garch11"])
+@pytest.mark.parametrize("name", [n for n in [*POSTERIORS, *ADDED, *HELDOUT] if n != "garch11"])
 def test_numpyro_copies_have_the_pyro_models_log_density(name):
     pytest.importorskip("numpyro")  # the bench extra
-    if not POSTERIORDB.exists() and name not in (*ANALYTIC, *OWN_REFERENCES):
+    if not POSTERIORDB.exists() and name not in (*ANALYTIC, *OWN_REFERENCES, *HELDOUT):
         pytest.skip(f"no posteriordb at {POSTERIORDB}")
     from benchmarks.numpyro_ports import same_log_density
 
-    posterior = {**POSTERIORS, **ADDED}[name]()
+    posterior = {**POSTERIORS, **ADDED, **HELDOUT}[name]()
     assert same_log_density(name, posterior) < 1e-5
