@@ -21,8 +21,10 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from pyro import poutine
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.guides import AutoGuide, prototype_hide_fn
+from pyro.infer.autoguide.initialization import InitMessenger
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
@@ -53,6 +55,8 @@ from .sites import (
     check_layout,
     enumerated,
     init_to_median,
+    init_to_unconstrained_zero,
+    log_joint,
     unconstrained_energy,
 )
 from .subsampling import check_subsampling
@@ -86,8 +90,10 @@ class AutoFlowGuide(
             of freedom per dimension (tail-adaptive flows, Jaini et al. 2020,
             arXiv:1907.04481), for posteriors with Cauchy-like tails. Its degrees of freedom
             start at 30, so this guide starts close to, not exactly at, AutoNormal.
-        init_loc_fn: per-site initialisation of ``loc`` (default: prior median, or the
-            constrained image of zero where the prior cannot be sampled). Given explicitly
+        init_loc_fn: per-site initialisation of ``loc`` (default: the prior's median, or
+            the constrained image of zero where the prior cannot be sampled or where the
+            model's log joint is higher, as under a prior so vague that its median lies far
+            out). Given explicitly
             (it or ``init_scale``), it is a warm start: ``init="auto"`` then keeps it instead
             of searching for the Laplace start (``init="laplace"`` searches from it).
         init_scale: initial ``scale`` of every unconstrained dimension (default 0.1).
@@ -150,6 +156,7 @@ class AutoFlowGuide(
     ):
         # An explicit start (either argument) is a warm start and wins over init="auto".
         self._explicit_start = init_loc_fn is not None or init_scale is not None
+        self._default_init_loc = init_loc_fn is None
         init_loc_fn = init_to_median if init_loc_fn is None else init_loc_fn
         init_scale = DEFAULT_INIT_SCALE if init_scale is None else init_scale
         if not init_scale > 0:
@@ -204,6 +211,7 @@ class AutoFlowGuide(
         AutoGuide._setup_prototype(self, *args, **kwargs)
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             check_latent_site(name, site)
+        self._start_where_denser(args, kwargs)
         # Before the locals leave the prototype: their supports must not move either.
         check_dependent_supports(self.model, self.prototype_trace, args, kwargs)
         local_sites = find_local_sites(self.prototype_trace, self.local_plates)
@@ -261,6 +269,24 @@ class AutoFlowGuide(
                     local_sites, self.latent_dim, local_init, self._init_scale, init_loc
                 )
                 self._start_members(args, kwargs)
+
+    def _start_where_denser(self, args, kwargs) -> None:
+        """The default start: the prior's median, or the constrained image of zero
+        (``AutoNormal``'s default start) where the model's log joint is higher. A prior vague
+        enough that its median lies far out (``InverseGamma(0.001, 0.001)``: about 1e34 in
+        float32, and a hierarchy's members then drawn at that scale) would otherwise start
+        the guide where every draw has zero density."""
+        if not self._default_init_loc:
+            return
+        zero_model = InitMessenger(init_to_unconstrained_zero)(self._user_model[0])
+        hidden = poutine.block(zero_model, self._prototype_hide_fn)
+        try:
+            at_zero = poutine.block(poutine.trace(hidden).get_trace)(*args, **kwargs)
+            zero_joint = log_joint(self._user_model[0], at_zero, args, kwargs)
+        except Exception:  # the model refuses that point: it is no start (the median, which
+            return  # the model accepted, stays; any fault in the model shows in the fit)
+        if zero_joint > log_joint(self._user_model[0], self.prototype_trace, args, kwargs):
+            self.prototype_trace = at_zero
 
     def setup(self, *args, **kwargs) -> AutoFlowGuide:
         """Trace the model and create the parameters now, with the model's arguments (the

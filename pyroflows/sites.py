@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.infer.autoguide.initialization import init_to_median as pyro_init_to_median
@@ -39,11 +40,17 @@ Layout = list[tuple[str, tuple[int, ...]]]  # (site name, unconstrained shape) i
 
 
 def init_to_unconstrained_zero(site):
-    """A feasible point without sampling: the constrained image of 0 (flat priors too)."""
+    """The constrained image of 0 (Pyro's ``init_to_feasible``), flat priors too, in the
+    prior's dtype. A discrete site (enumerated, never guided) has no such image: a draw."""
     fn = site["fn"]
+    if fn.support.is_discrete:
+        return fn.sample().detach()
     transform = biject_to(fn.support)
-    shape = transform.inverse_shape(fn.shape())
-    zero = torch.zeros(shape, dtype=torch.get_default_dtype())
+    try:
+        zero = torch.zeros_like(transform.inv(fn.sample().detach()))  # its shape and dtype
+    except NotImplementedError:  # a flat prior (ImproperUniform) cannot be sampled
+        shape = transform.inverse_shape(fn.shape())
+        zero = torch.zeros(shape, dtype=torch.get_default_dtype())
     return transform(zero).detach()
 
 
@@ -68,6 +75,29 @@ def init_to_median(site=None, num_samples: int = 15):
         return pyro_init_to_median(site, num_samples, fallback=init_to_unconstrained_zero)
     except NotImplementedError:  # Pyro's multivariate path samples even where it cannot
         return init_to_unconstrained_zero(site)
+
+
+def log_joint(model, trace, args, kwargs) -> float:
+    """The model's log joint (observations included) at the latent values of ``trace``;
+    ``-inf`` where it is not finite.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro import poutine
+        >>> def model():
+        ...     pyro.sample("y", dist.Normal(pyro.sample("x", dist.Normal(0.0, 1.0)), 1.0),
+        ...                 obs=torch.tensor(0.0))
+        >>> trace = poutine.trace(model).get_trace()
+        >>> trace.nodes["x"]["value"] = torch.tensor(0.0)
+        >>> round(log_joint(model, trace, (), {}), 4)  # two unit normals at their centre
+        -1.8379
+    """
+    # unvalidated: bad data (NaN) is for the fit's own checks to name, not for a comparison
+    with torch.no_grad(), pyro.validation_enabled(False):
+        replay = poutine.trace(poutine.replay(model, trace=trace)).get_trace
+        replayed = poutine.block(replay)(*args, **kwargs)  # unseen by any outer handler
+        value = float(replayed.log_prob_sum())
+    return value if math.isfinite(value) else -math.inf
 
 
 def enumerated(msg) -> bool:

@@ -20,6 +20,7 @@ from pyro.infer import (
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
 
 from pyroflows import AutoFlowGuide, init_to_median
+from pyroflows.draws import draw
 
 SMALL = {"hidden_dims": [16], "num_layers": 2}
 
@@ -117,6 +118,43 @@ def test_flat_improper_priors_initialise():
     guide = AutoFlowGuide(model, **SMALL)
     train(model, guide, torch.randn(20) + 3.0, steps=3)
     assert torch.allclose(guide._init_loc(), torch.zeros(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_vague_priors_far_median_does_not_start_the_guide_where_draws_have_zero_density(dtype):
+    """BUGS-style priors (InverseGamma(0.001, 0.001) on a variance): the prior's median is
+    about 1e34 in float32 (1e298 in float64), the members are drawn at that scale, and an
+    untrained guide started there drew only zero-density points. The default start is the
+    image of zero wherever the model's log joint is higher there (surgical, posteriordb)."""
+    n = torch.tensor([47.0, 148, 119, 810, 211, 196], dtype=dtype)
+    r = torch.tensor([0.0, 18, 8, 46, 8, 13], dtype=dtype)
+
+    def model(n, r):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=dtype), 1000.0))
+        sigmasq = pyro.sample("sigmasq", dist.InverseGamma(1e-3, 1e-3))
+        with pyro.plate("hospitals", len(n)):
+            b = pyro.sample("b", dist.Normal(mu, sigmasq.sqrt()))
+            pyro.sample("r", dist.Binomial(n, logits=b), obs=r)
+
+    with torch.random.fork_rng():
+        torch.set_default_dtype(dtype)
+        try:
+            for init in ("prior", "auto"):
+                pyro.set_rng_seed(0)
+                guide = AutoFlowGuide(model, init=init, **SMALL).setup(n, r)
+                draws = draw(model, guide, (n, r), {}, 100)
+                assert torch.isfinite(draws.log_weights).all(), init
+                assert float(guide.median(n, r)["sigmasq"]) < 1e3, init
+
+            # a prior whose median is the better start keeps it (a centre far from zero)
+            def centred(n, r):
+                mu = pyro.sample("mu", dist.Normal(torch.tensor(500.0, dtype=dtype), 1.0))
+                pyro.sample("r", dist.Normal(mu, 1.0), obs=r + 500.0)
+
+            guide = AutoFlowGuide(centred, init="prior", **SMALL).setup(n, r)
+            assert abs(float(guide.median(n, r)["mu"]) - 500.0) < 2.0
+        finally:
+            torch.set_default_dtype(torch.float32)
 
 
 def test_dependent_support_is_refused_naming_the_site():
