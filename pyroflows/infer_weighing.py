@@ -19,6 +19,7 @@ import time
 from .diagnostics import importance_resample
 from .modes import check_modes
 from .posterior import Stage
+from .psis import NoFiniteWeights
 
 __all__ = ["ACCEPT_KHAT", "PROPOSALS", "ImportanceChecks"]
 
@@ -37,7 +38,11 @@ class ImportanceChecks:
         lowers k-hat on the draws it judges: it only improves a rejected answer)."""
         began = time.perf_counter()
         proposals = self.proposals()
-        out = self.resample(proposals, adapt=False)
+        try:
+            out = self.resample(proposals, adapt=False)
+        except NoFiniteWeights as error:  # an answer with no weight: none; the route says why
+            stage.outcome += f"nothing to weigh: {str(error).splitlines()[0]}"
+            return
         d = out.diagnostic
         if d.k_hat < ACCEPT_KHAT and d.ess < self.min_ess:
             more = min(MAX_PROPOSALS, math.ceil(proposals * 1.2 * self.min_ess / max(d.ess, 1)))

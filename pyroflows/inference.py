@@ -35,6 +35,7 @@ import time
 import warnings
 
 import pyro
+import torch
 
 from .calls import model_keywords
 from .draws import NOT_VECTORISED_HINT, draw, evaluate_at, runs_vectorised
@@ -46,7 +47,8 @@ from .member_bound import MembersNotSeparable
 from .member_owners import observation_owners
 from .neutra import cannot_batch, neutra_chain, neutra_chains
 from .posterior import Posterior, Route, Stage
-from .progress import check_setting
+from .progress import FitError, check_setting
+from .psis import NoFiniteWeights
 from .subsampling import subsampled_plate, trace_at_guide_draw
 from .transforms import invertible
 
@@ -153,6 +155,7 @@ class _Run(ImportanceChecks):
         self.hierarchy = ((), "")  # plates that can be local latents, or why none
         self.given = given  # whether the user gave the guide (the locals stage makes its own)
         self.per_proposal = {}  # seconds per weighed draw, per guide (id), as last measured
+        self.bad_data = set()  # observed sites whose data are not finite (after setup)
 
     def left(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.perf_counter()
@@ -188,6 +191,11 @@ class _Run(ImportanceChecks):
                 self.keep_guide_draws()
             else:
                 self.weigh(Stage("guide", 0.0, ""))
+        if self.best is None:
+            raise NoFiniteWeights(
+                "infer: no stage drew anything to which the model gives a finite density; "
+                f"the route:\n{self.route}"
+            )
         rank, posterior = self.best
         self.route.approximate = rank < 2
         posterior.route = self.route
@@ -211,6 +219,11 @@ class _Run(ImportanceChecks):
         self.guide.setup(*self.args, **self.kwargs)
         if self.vectorised is None:
             trace = trace_at_guide_draw(self.model, self.guide, self.args, self.kwargs)
+            self.bad_data = {
+                name
+                for name, site in trace.nodes.items()
+                if site.get("is_observed") and not torch.isfinite(site["value"]).all()
+            }
             self.subsampled = subsampled_plate(trace)
             self.hierarchy = hierarchy_plates(trace)
             args = (self.model, self.guide, self.args, self.kwargs)
@@ -254,8 +267,8 @@ class _Run(ImportanceChecks):
         if not why:  # a first small weighing: a model whose broadcasting the member weighing
             try:  # refuses is refused here, naming the site (not later, out of memory)
                 self.resample(CALIBRATION_PROPOSALS, adapt=False)
-            except MembersNotSeparable as error:  # its message names the site
-                why = str(error)
+            except (MembersNotSeparable, NoFiniteWeights) as error:  # it names the site, or
+                why = str(error)  # says that the untrained guide draws nothing to weigh
         if why:
             stage.outcome, self.guide = f"skipped: {why}", joint
             return
@@ -343,7 +356,10 @@ class _Run(ImportanceChecks):
                 return True
             if state.step % CHECK_EVERY or not self.vectorised:  # a check costs seconds then
                 return False
-            peek = self.resample(self.proposals(check=True), adapt=False)
+            try:
+                peek = self.resample(self.proposals(check=True), adapt=False)
+            except NoFiniteWeights:  # nothing the model accepts drawn yet: train on
+                return False
             if peek.diagnostic.k_hat < ACCEPT_KHAT:
                 # The stop is chosen where k-hat dipped below the bar, so these draws would
                 # judge themselves optimistically: weigh() judges a fresh, independent set.
@@ -352,7 +368,14 @@ class _Run(ImportanceChecks):
 
         fast = self.left() > COMPILE_MIN_SECONDS
         settings.update(progress=self.progress, diagnose=False, callbacks=[enough], fast=fast)
-        result = fit(self.model, self.guide, *self.args, model_kwargs=self.kwargs, **settings)
+        try:
+            result = fit(self.model, self.guide, *self.args, model_kwargs=self.kwargs, **settings)
+        except FitError as error:
+            if error.site in self.bad_data:  # the data themselves: no stage can mend that
+                raise
+            # Training diverged (a draw where the model overflows): the guide keeps its last
+            # finite parameters, whose answer is judged like any other; the route says so.
+            return f"training diverged: {str(error).split('. ')[0].removeprefix('fit: ')}; "
         return f"{result.num_steps} steps ({why[0] if why else result.reason}); "
 
     def keep_guide_draws(self) -> None:

@@ -184,7 +184,8 @@ class MemberImportanceELBO(ELBO):
             x = _per_globals_draw(log_prob, dim - 1, draws or 1)
             if owners is not None:
                 members = members + sign * _owned_by_member(x, dim, owners, size)
-                x = x * (owners < 0)  # what no member owns must not vary with them
+                # what no member owns must not vary with them (a where: -inf * 0 is NaN)
+                x = torch.where(owners < 0, x, torch.zeros_like(x))
             if frame is None:
                 totals = totals + sign * _same_for_every_draw(name, x, dim)
                 continue

@@ -41,7 +41,7 @@ from torch.distributions import biject_to
 
 from .draws import draw, evaluate_at
 from .member_bound import MemberImportanceELBO
-from .psis import PSISResult
+from .psis import NoFiniteWeights, PSISResult
 from .subsampling import SubsampledModel, subsampled_plate, trace_at_guide_draw
 
 __all__ = ["heavy_tailed", "resample_members"]
@@ -119,7 +119,7 @@ def resample_members(
             picked[site.name].append(_pick(site, local[site.name], choice))
     log_w = torch.cat(log_w)
     if torch.isinf(log_w).all():
-        raise ValueError(
+        raise NoFiniteWeights(
             "importance_resample: every globals draw was outside the model's support, had a "
             "non-finite density there, or rounded its members' draws onto a few values (a "
             "local scale below float resolution); the guide is far from the posterior"

@@ -23,7 +23,7 @@ import torch
 from pyro.ops.stats import fit_generalized_pareto
 from torch import Tensor
 
-__all__ = ["PSISResult", "effective_sample_size", "khat_threshold", "psis"]
+__all__ = ["NoFiniteWeights", "PSISResult", "effective_sample_size", "khat_threshold", "psis"]
 
 MIN_TAIL_DRAWS = 25  # the fewest draws whose largest fifth holds the 5 a Pareto fit needs
 
@@ -45,6 +45,11 @@ def khat_threshold(num_samples: int) -> float:
     return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
 
 
+class NoFiniteWeights(ValueError):
+    """Every proposal has zero (or a non-finite) posterior density: there is nothing to
+    weigh. The proposal is far from the posterior, or the model refuses all of it."""
+
+
 def psis(log_weights: Tensor) -> tuple[Tensor, float]:
     """Pareto-smoothed log weights and the Pareto shape ``k`` of their upper tail.
 
@@ -61,7 +66,7 @@ def psis(log_weights: Tensor) -> tuple[Tensor, float]:
     """
     log_w = torch.as_tensor(log_weights, dtype=torch.float64).flatten()
     if not torch.isfinite(log_w).any():
-        raise ValueError("psis: no finite log weight (every draw has zero posterior density)")
+        raise NoFiniteWeights("psis: no finite log weight (every draw has zero posterior density)")
     log_w = torch.where(torch.isnan(log_w), torch.tensor(-math.inf, dtype=log_w.dtype), log_w)
     num = log_w.shape[0]
     log_w = log_w - log_w.max()

@@ -247,3 +247,56 @@ def test_neutra_runs_on_a_flat_prior_model():
     chain = neutra_chain(flat, guide, (y,), num_samples=300, warmup_steps=100)
     mean, sd = float(y.mean()), 1 / math.sqrt(len(y))
     assert within_mcse(chain.samples["mu"], mean, sd, chain.ess)
+
+
+def test_a_stage_whose_training_diverges_says_so_and_the_route_goes_on(monkeypatch):
+    # arma11 (held-out set): a draw of the MA coefficient above 1 makes the errors grow as
+    # theta^200 and fit stops with a FitError; infer stopped with it, losing every stage.
+    import pyroflows.inference as inference
+    from pyroflows import FitError
+
+    real_fit, calls = inference.fit, []
+
+    def diverging_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            return real_fit(*args, **kwargs)
+        real_fit(*args, **{**kwargs, "num_steps": 5})
+        raise FitError(
+            "fit: the gradient of parameter 'AutoFlowGuide.loc' is not finite at step 6 "
+            "(elements up to 1e30, a norm that overflows). The guide keeps ...",
+            6,
+            "AutoFlowGuide.loc",
+        )
+
+    monkeypatch.setattr(inference, "fit", diverging_once)
+    y = torch.tensor([1.2, 0.4, 2.1, 1.7, 0.9])
+    guide = AutoFlowGuide(conjugate, init="prior")
+    posterior = infer(
+        conjugate, y, guide=guide, num_samples=500, seed=0, progress=False,
+        stages=("fit", "dreg"),
+    )  # fmt: skip
+    first = posterior.route.stages[0]
+    assert "training diverged" in first.outcome and "step 6" in first.outcome
+    assert posterior.samples["mu"].shape == (500,)
+
+
+def test_a_divergence_at_bad_data_is_the_users_error_not_a_stage_outcome():
+    from pyroflows import FitError
+
+    y = torch.tensor([1.2, math.nan, 2.1])
+    guide = AutoFlowGuide(conjugate, init="prior")
+    with pytest.raises(FitError, match="observed data of site 'y'"):
+        infer(conjugate, y, guide=guide, num_samples=100, seed=0, progress=False)
+
+
+def test_a_model_that_refuses_every_draw_ends_in_a_clear_error_with_the_route():
+    # A hard wall far from the prior's centre: every draw of every stage has zero density.
+    def walled():
+        x = pyro.sample("x", dist.Normal(0.0, 10.0))
+        pyro.factor("wall", torch.where(x > 50.0, 0.0, -math.inf))
+
+    from pyroflows.psis import NoFiniteWeights
+
+    with pytest.raises(NoFiniteWeights, match=r"no stage drew anything(.|\n)*laplace"):
+        infer(walled, num_samples=100, seed=0, progress=False, stages=("laplace", "fit"))
