@@ -300,3 +300,14 @@ def test_a_model_that_refuses_every_draw_ends_in_a_clear_error_with_the_route():
 
     with pytest.raises(NoFiniteWeights, match=r"no stage drew anything(.|\n)*laplace"):
         infer(walled, num_samples=100, seed=0, progress=False, stages=("laplace", "fit"))
+
+
+def test_a_proposal_where_the_models_scale_underflows_weighs_zero_not_a_crash():
+    # rats (held-out set): a draw from the flow's tail made a scale exp(-110) = 0 in float32
+    # and Pyro's validation stopped the whole weighing with a ValueError; such a point has
+    # zero density and must weigh zero. A wide guide puts 4% of its draws of v below -180.
+    guide = AutoFlowGuide(funnel, init_scale=100.0, init="prior")
+    with pytest.warns(UserWarning, match="approximate"):
+        posterior = infer(funnel, guide=guide, num_samples=200, seed=0, progress=False,
+                          stages=("laplace",))  # fmt: skip
+    assert posterior.samples["v"].shape == (200,) and torch.isfinite(posterior.samples["v"]).all()
