@@ -132,8 +132,7 @@ class ImportanceResample:
         return self.diagnostic.ess
 
     def to_inference_data(self):
-        """The resampled draws as an ``arviz.InferenceData`` (groups ``posterior``,
-        ``observed_data``, ``sample_stats``)."""
+        """The draws as ``arviz.InferenceData`` (posterior, observed_data, sample_stats)."""
         # ArviZ is imported on demand, as pyroflows.to_inference_data is (it takes a second).
         from .arviz import from_importance_resample
 
@@ -247,8 +246,7 @@ def _moment_match(model, args, kwargs, draws, result, max_adaptations):
         at["values"].update(values)
         return at, at["log_joint"].double() + _log_jacobian(transforms, parts)
 
-    # Past the reliability threshold, keep adapting while it helps, down to k = 0.5 (finite
-    # variance of the weights): resampled draws improve with every step.
+    # Past the threshold, adapt while it helps, down to k = 0.5 (finite weight variance)
     target = min(result.threshold, 0.5)
     for _ in range(max_adaptations):
         if result.k_hat < target:
@@ -272,6 +270,8 @@ def _moment_match(model, args, kwargs, draws, result, max_adaptations):
                     return draws, result, accepted
                 continue  # the map moved draws where the model refuses them: try the next
             log_w = log_p_u - (log_q_u - (log_det + step_log_det))
+            if not torch.isfinite(log_w).any():  # every draw moved to zero density
+                continue
             candidate = PSISResult.from_log_weights(log_w)
             if candidate.k_hat < result.k_hat:
                 u, log_det, result = new_u, log_det + step_log_det, candidate

@@ -63,6 +63,8 @@ from .subsampling import check_subsampling
 
 __all__ = ["AutoFlowGuide", "init_to_median"]
 
+START_MARGIN = 100.0  # nats by which the image of zero must beat the prior's median
+
 FULL_RANK_LIMIT = 200  # affine="auto": a full lower-triangular L up to this many dimensions
 DEFAULT_INIT_SCALE = 0.1  # as AutoNormal's
 
@@ -272,20 +274,26 @@ class AutoFlowGuide(
 
     def _start_where_denser(self, args, kwargs) -> None:
         """The default start: the prior's median, or the constrained image of zero
-        (``AutoNormal``'s default start) where the model's log joint is higher. A prior vague
-        enough that its median lies far out (``InverseGamma(0.001, 0.001)``: about 1e34 in
-        float32, and a hierarchy's members then drawn at that scale) would otherwise start
-        the guide where every draw has zero density."""
+        (``AutoNormal``'s default start) where the model's log joint is higher there by
+        more than ``START_MARGIN``. A prior vague enough that its median lies far out
+        (``InverseGamma(0.001, 0.001)``: about 1e34 in float32, and a hierarchy's members
+        then drawn at that scale) would otherwise start the guide where every draw has zero
+        density. The margin keeps the median where the two are close: zero is often an
+        exact stationary point of a symmetric posterior (the centre of a ring), from which
+        no search moves (benchmarks/results/infer_route.md)."""
         if not self._default_init_loc:
             return
         zero_model = InitMessenger(init_to_unconstrained_zero)(self._user_model[0])
         hidden = poutine.block(zero_model, self._prototype_hide_fn)
-        try:
-            at_zero = poutine.block(poutine.trace(hidden).get_trace)(*args, **kwargs)
-            zero_joint = log_joint(self._user_model[0], at_zero, args, kwargs)
-        except Exception:  # the model refuses that point: it is no start (the median, which
-            return  # the model accepted, stays; any fault in the model shows in the fit)
-        if zero_joint > log_joint(self._user_model[0], self.prototype_trace, args, kwargs):
+        # its own random stream: the flow's initial weights, drawn next, stay as they were
+        with torch.random.fork_rng(devices=[]):
+            try:
+                at_zero = poutine.block(poutine.trace(hidden).get_trace)(*args, **kwargs)
+                zero_joint = log_joint(self._user_model[0], at_zero, args, kwargs)
+            except Exception:  # the model refuses that point: no start (the median, which
+                return  # the model accepted, stays; any fault in the model shows in the fit)
+        median_joint = log_joint(self._user_model[0], self.prototype_trace, args, kwargs)
+        if zero_joint > median_joint + START_MARGIN:
             self.prototype_trace = at_zero
 
     def setup(self, *args, **kwargs) -> AutoFlowGuide:

@@ -274,7 +274,10 @@ class _Run(ImportanceChecks):
             return
         trained = self.fit(loss="elbo", num_particles=1, num_steps=FIT_STEPS)
         stage.outcome = f"local_plates={list(plates)}, {trained}"
-        self.weigh(stage)
+        try:
+            self.weigh(stage)
+        except MembersNotSeparable as error:  # at the trained guide (which training may have
+            stage.outcome += str(error)  # left far out) the owner map came out wrong
         if not stage.accepted:  # the later stages use the joint flow
             self.guide = joint
 

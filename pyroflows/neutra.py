@@ -19,7 +19,7 @@ from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
 from .adapters import end_warmup
 from .draws import draw, evaluate_at
-from .hmc import batched_hmc
+from .hmc import batched_hmc, finite_starts
 from .traced import traced_gradient
 
 __all__ = [
@@ -325,7 +325,7 @@ def neutra_chains(
     limit = math.ceil((max_samples or 4 * num_samples) / num_chains)
     energy = flow_energy(model, guide, args, kwargs)  # runs the guide: before freezing it
     with _frozen(guide):
-        init = guide.get_base_dist().sample((num_chains,))
+        init = finite_starts(energy, guide.get_base_dist(), num_chains)
         gradient, untraced = traced_gradient(energy, init)
         settings = dict(target_accept=target_accept_prob, deadline=deadline, gradient=gradient)
         run = batched_hmc(energy, init, per_chain, warmup_steps, **settings)

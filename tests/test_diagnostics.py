@@ -254,3 +254,21 @@ def test_a_model_that_broadcasts_wrongly_over_draws_is_run_draw_by_draw():
         conditioned = pyro.poutine.condition(vector_member, data=latent)
         one = pyro.poutine.trace(conditioned).get_trace(y).log_prob_sum()
         assert torch.isclose(draws.log_joint[i], one, rtol=1e-4, atol=1e-3)
+
+
+def test_moment_matching_skips_a_map_that_moves_every_draw_to_zero_density():
+    # rats (held-out set): a moment-matching map moved every proposal where the model's
+    # density is zero, and PSIS on those weights raised instead of the map being refused.
+    # Here the model refuses every point after the proposals' own evaluation.
+    from pyroflows import importance_resample
+
+    calls = []
+
+    def fussy():
+        x = pyro.sample("x", dist.Normal(0.0, 3.0))
+        calls.append(x.numel() >= 2000)  # a run over all proposals at once
+        pyro.factor("after", torch.zeros_like(x) - (math.inf if sum(calls) > 1 else 0.0))
+
+    guide = AutoFlowGuide(fussy, init_scale=0.5, init="prior")
+    out = importance_resample(fussy, guide, num_samples=2000, seed=0, warn=False)
+    assert sum(calls) > 1 and out.num_adaptations == 0 and out.samples["x"].shape == (2000,)
