@@ -25,10 +25,21 @@ from functools import partial
 import torch
 from torch import Tensor
 
-__all__ = ["DIVERGENCE", "HMCRun", "batched_hmc", "energy_and_grad", "finite_starts"]
+__all__ = [
+    "DIVERGENCE",
+    "HMCRun",
+    "NoFiniteStart",
+    "batched_hmc",
+    "energy_and_grad",
+    "finite_starts",
+]
 
 DIVERGENCE = 1000.0  # energy error that marks a divergent transition (Stan's and Pyro's)
 QUARTER_PERIOD = math.pi / 2  # of a unit normal under a unit metric: draws decorrelate
+
+
+class NoFiniteStart(ValueError):
+    """A chain's start where the energy or its gradient is not finite: it cannot move."""
 
 
 @dataclass
@@ -143,7 +154,9 @@ def batched_hmc(
     u, grad = gradient(z)
     if not torch.isfinite(u).all() or not torch.isfinite(grad).all():
         bad = int((~torch.isfinite(u) | ~torch.isfinite(grad).all(-1)).sum())
-        raise ValueError(f"batched_hmc: the energy or its gradient is not finite at {bad} starts")
+        raise NoFiniteStart(
+            f"batched_hmc: the energy or its gradient is not finite at {bad} starts"
+        )
     if inv_metric is None:
         inv_metric = torch.ones(dim, dtype=z.dtype, device=z.device)
     adapt = _DualAveraging(step_size, target_accept)

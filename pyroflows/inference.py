@@ -42,6 +42,7 @@ from .draws import NOT_VECTORISED_HINT, draw, evaluate_at, runs_vectorised
 from .fit import fit
 from .guides import AutoFlowGuide
 from .hierarchy import hierarchy_plates
+from .hmc import NoFiniteStart
 from .infer_weighing import ACCEPT_KHAT, CALIBRATION_PROPOSALS, ImportanceChecks
 from .member_bound import MembersNotSeparable
 from .member_owners import observation_owners
@@ -323,7 +324,11 @@ class _Run(ImportanceChecks):
         call = (self.model, self.guide, self.args, self.kwargs)
         settings = dict(num_samples=self.num_samples, deadline=deadline, min_ess=MCMC_MIN_ESS)
         if self.vectorised and not cannot_batch(*call):  # batched: many times faster
-            chain = neutra_chains(*call, **settings)
+            try:
+                chain = neutra_chains(*call, **settings)
+            except NoFiniteStart as error:  # the flow draws too few points the model allows
+                stage.outcome = f"not run: {error} (the flow is far from the posterior)"
+                return
         else:
             settings.update(target_accept_prob=NEUTRA_TARGET_ACCEPT)
             chain = neutra_chain(*call, warmup_steps=500, **settings)

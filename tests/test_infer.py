@@ -311,3 +311,19 @@ def test_a_proposal_where_the_models_scale_underflows_weighs_zero_not_a_crash():
         posterior = infer(funnel, guide=guide, num_samples=200, seed=0, progress=False,
                           stages=("laplace",))  # fmt: skip
     assert posterior.samples["v"].shape == (200,) and torch.isfinite(posterior.samples["v"]).all()
+
+
+def test_a_flow_with_too_few_finite_chain_starts_skips_neutra_saying_why():
+    # rats (held-out set): even among 8x as many flow draws too few had finite energy to
+    # start 16 chains, and the ValueError ended infer; the stage now says so and the route
+    # goes on (here to the guide's own weighed draws, which the wall leaves exact).
+    def walled():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("wall", torch.where(x > -2.0, -math.inf, 0.0))
+
+    guide = AutoFlowGuide(walled, init_scale=1.0, init="prior")
+    posterior = infer(walled, guide=guide, num_samples=200, seed=0, progress=False,
+                      stages=("neutra",))  # fmt: skip
+    (stage,) = posterior.route.stages
+    assert stage.outcome.startswith("not run") and "not finite" in stage.outcome
+    assert bool((posterior.samples["x"] <= -2.0).all())
