@@ -496,7 +496,8 @@ def score(posterior: Posterior, draws: dict) -> dict:
     for name, ref in posterior.reference.items():
         x = params[name].double()
         dmean.append(abs(float(x.mean()) - ref["mean"]) / ref["sd"])
-        dlogsd.append(abs(math.log(float(x.std()) / ref["sd"])))
+        sd = float(x.std())  # 0 where every draw is one proposal (a collapsed answer)
+        dlogsd.append(abs(math.log(sd / ref["sd"])) if sd > 0 else math.inf)
         if posterior.reference_draws is not None and name in posterior.reference_draws:
             w1.append(wasserstein1(x, posterior.reference_draws[name]) / ref["sd"])
     t = torch.tensor
