@@ -220,11 +220,8 @@ class _Run(ImportanceChecks):
         self.guide.setup(*self.args, **self.kwargs)
         if self.vectorised is None:
             trace = trace_at_guide_draw(self.model, self.guide, self.args, self.kwargs)
-            self.bad_data = {
-                name
-                for name, site in trace.nodes.items()
-                if site.get("is_observed") and not torch.isfinite(site["value"]).all()
-            }
+            observed = [(n, s["value"]) for n, s in trace.nodes.items() if s.get("is_observed")]
+            self.bad_data = {name for name, value in observed if not torch.isfinite(value).all()}
             self.subsampled = subsampled_plate(trace)
             self.hierarchy = hierarchy_plates(trace)
             args = (self.model, self.guide, self.args, self.kwargs)
@@ -381,8 +378,7 @@ class _Run(ImportanceChecks):
         except FitError as error:
             if error.site in self.bad_data:  # the data themselves: no stage can mend that
                 raise
-            # Training diverged (a draw where the model overflows): the guide keeps its last
-            # finite parameters, whose answer is judged like any other; the route says so.
+            # Training diverged: the guide keeps its last finite parameters, judged as any
             return f"training diverged: {str(error).split('. ')[0].removeprefix('fit: ')}; "
         return f"{result.num_steps} steps ({why[0] if why else result.reason}); "
 
