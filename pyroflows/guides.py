@@ -290,8 +290,8 @@ class AutoFlowGuide(
             try:
                 at_zero = poutine.block(poutine.trace(hidden).get_trace)(*args, **kwargs)
                 zero_joint = log_joint(self._user_model[0], at_zero, args, kwargs)
-            except Exception:  # the model refuses that point: no start (the median, which
-                return  # the model accepted, stays; any fault in the model shows in the fit)
+            except (ValueError, RuntimeError, ArithmeticError):  # the model refuses that
+                return  # point: no start (the median, which it accepted, stays)
         median_joint = log_joint(self._user_model[0], self.prototype_trace, args, kwargs)
         if zero_joint > median_joint + START_MARGIN:
             self.prototype_trace = at_zero
