@@ -54,6 +54,14 @@ class GuideSummaries:
         values, jacobian = unpack_with_log_det(self.prototype_trace, shapes, latent)
         return (values, jacobian) if log_det else values
 
+    def centre(self) -> dict:
+        """Each latent site's value where the flow maps its base's centre (zero): for an
+        untrained guide with a Laplace start, the mode. (Local latents are not included.)"""
+        self._require_setup()
+        zero = torch.zeros_like(self.loc)[None]
+        with torch.no_grad():
+            return {k: v[0] for k, v in self.latent_to_sites(self.get_transform()(zero)).items()}
+
     def quantiles(self, quantiles, *args, num_samples: int = 4000, **kwargs):
         """Elementwise posterior quantiles of each site, estimated from ``num_samples`` draws.
 

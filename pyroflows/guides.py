@@ -39,7 +39,7 @@ from .architecture import (
 from .guide_posterior import FlowPosteriorGuide
 from .guide_state import SavedStateGuide
 from .guide_summaries import GuideSummaries
-from .laplace import LaplaceStart, laplace_start
+from .laplace import START_MARGIN, LaplaceStart, laplace_start
 from .local_guide import LocalLatentsGuide
 from .locals import (
     LocalLatents,
@@ -47,6 +47,7 @@ from .locals import (
     find_local_sites,
     take_local_sites,
 )
+from .noncentred import hierarchy_search_start
 from .scoring import FlowInverter
 from .sites import (
     arguments_signature,
@@ -63,7 +64,6 @@ from .subsampling import check_subsampling
 
 __all__ = ["AutoFlowGuide", "init_to_median"]
 
-START_MARGIN = 100.0  # nats by which the image of zero must beat the prior's median
 
 FULL_RANK_LIMIT = 200  # affine="auto": a full lower-triangular L up to this many dimensions
 DEFAULT_INIT_SCALE = 0.1  # as AutoNormal's
@@ -258,7 +258,7 @@ class AutoFlowGuide(
                 self.start_description = f"prior start (no sound Laplace start: {start.reason})"
                 if start.ok:
                     laplace = start.mode, start.precond
-                    self.start_description = "Laplace start"
+                    self.start_description = f"Laplace start ({start.reason})".replace(" ()", "")
                 elif self._init == "laplace":
                     warnings.warn(
                         f"AutoFlowGuide: no sound Laplace start for this model ({start.reason}); "
@@ -266,6 +266,7 @@ class AutoFlowGuide(
                         stacklevel=4,
                     )
             self._create_parameters(init_loc, laplace)
+            self.laplace_proposal = laplace is not None and start.proposal
             if local_sites:
                 self.locals = LocalLatents(
                     local_sites, self.latent_dim, local_init, self._init_scale, init_loc
@@ -316,7 +317,17 @@ class AutoFlowGuide(
         """The Laplace start on ``-log p(x, z(u)) - log|dz/du|`` (``pyroflows.laplace``)."""
         if any(enumerated(m) for m in self.prototype_trace.nodes.values()):
             return LaplaceStart(reason="the model has enumerated discrete sites")
-        return laplace_start(self.energy(*args, **kwargs), init_loc)
+        energy = self.energy(*args, **kwargs)
+        start = laplace_start(energy, init_loc, self._init_scale)
+        if start.ok:
+            return start
+        # A centred hierarchy's spike (scales -> 0) can catch the search (pyroflows.noncentred)
+        call = (self.user_model, self.prototype_trace, self._unconstrained_shapes, energy)
+        point = hierarchy_search_start(*call, init_loc, args, kwargs)
+        if point is None:
+            return start
+        from_there = laplace_start(energy, init_loc, self._init_scale, search_from=point)
+        return from_there if from_there.ok else start
 
     def energy(self, *args, **kwargs):
         """``u -> -log p(x, z(u)) - log|dz/du|`` for one latent vector ``u`` (the Laplace start
@@ -337,7 +348,7 @@ class AutoFlowGuide(
             start, init_scale = init_loc.detach().clone(), self._init_scale
         self.register_buffer("center", center.to(init_loc.device))
         self.register_buffer("precond", precond.to(init_loc.device))
-        self.preconditioned = laplace is not None
+        self.preconditioned = self.laplace_proposal = laplace is not None  # (see setup)
         self.loc = nn.Parameter(start)
         # Not "*_unconstrained": PyroModule reserves it and would hide it from SVI's optimizer.
         raw_scale = math.log(math.expm1(init_scale))  # softplus(raw) == init_scale

@@ -36,6 +36,7 @@ import warnings
 
 import pyro
 import torch
+from pyro.infer.autoguide.initialization import init_to_value
 
 from .calls import model_keywords
 from .draws import NOT_VECTORISED_HINT, draw, evaluate_at, runs_vectorised
@@ -209,8 +210,7 @@ class _Run(ImportanceChecks):
         return posterior
 
     def keep(self, rank: int, posterior: Posterior, label: str) -> None:
-        """Keep an answer if it ranks at least as well as the best so far (later is better
-        at equal rank: more training)."""
+        """Keep an answer ranking at least as well as the best so far (later wins ties)."""
         if self.best is None or rank >= self.best[0]:
             self.best = (rank, posterior)
             self.route.label = label
@@ -245,7 +245,7 @@ class _Run(ImportanceChecks):
 
     def stage_laplace(self, stage: Stage) -> None:
         self.setup()
-        if not self.guide.preconditioned:
+        if not self.guide.laplace_proposal:  # (a start far better than the prior's, or none)
             stage.outcome = f"skipped: {self.guide.start_description}"
             return
         self.weigh(stage)
@@ -258,7 +258,9 @@ class _Run(ImportanceChecks):
         if not plates:
             stage.outcome = f"skipped: {why}"
             return
-        local = AutoFlowGuide(self.model, local_plates=list(plates))
+        # From the joint guide's Laplace start, if any (rats: from the prior's, it diverged)
+        init = init_to_value(values=self.guide.centre()) if self.guide.preconditioned else None
+        local = AutoFlowGuide(self.model, local_plates=list(plates), init_loc_fn=init)
         local.setup(*self.args, **self.kwargs)
         _, why = observation_owners(self.model, local, self.args, self.kwargs)
         joint, self.guide = self.guide, local
@@ -331,11 +333,8 @@ class _Run(ImportanceChecks):
             chain = neutra_chain(*call, warmup_steps=500, **settings)
         ok = stage.accepted = chain.passes(R_HAT_LIMIT, MCMC_MIN_ESS)
         stage.outcome = chain.describe()
-        diagnostics = {
-            "r_hat": chain.r_hat,
-            "ess": chain.ess,
-            "divergences": len(chain.divergences),
-        }
+        diagnostics = {"r_hat": chain.r_hat, "ess": chain.ess}
+        diagnostics["divergences"] = len(chain.divergences)
         sampler = f"{chain.num_chains} HMC chains" if chain.num_chains > 1 else "NUTS"
         label = f"exact MCMC on the flow (NeuTra, {sampler}), R-hat {chain.r_hat:.2f}, "
         label += f"ESS {chain.ess:.0f}"
