@@ -323,10 +323,11 @@ class AutoFlowGuide(
             return start
         # A centred hierarchy's spike (scales -> 0) can catch the search (pyroflows.noncentred)
         call = (self.user_model, self.prototype_trace, self._unconstrained_shapes, energy)
-        point = hierarchy_search_start(*call, init_loc, args, kwargs)
-        if point is None:
-            return start
-        from_there = laplace_start(energy, init_loc, self._init_scale, search_from=point)
+        with torch.random.fork_rng(devices=[]):  # the flow's initial weights stay as they were
+            point = hierarchy_search_start(*call, init_loc, args, kwargs)
+            if point is None:
+                return start
+            from_there = laplace_start(energy, init_loc, self._init_scale, search_from=point)
         return from_there if from_there.ok else start
 
     def energy(self, *args, **kwargs):

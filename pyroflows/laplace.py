@@ -106,7 +106,8 @@ def laplace_start(
         return LaplaceStart(mode.to(init.dtype), precond.to(init.dtype), proposal=True)
     poor = "the Laplace approximation is a poor proposal (PSIS k-hat)"
     prior_scale = torch.full_like(mode, init_scale).diag()
-    prior_log_w = _log_weights(energy, init.to(mode), prior_scale, PRIOR_ELBO_DRAWS)
+    with torch.random.fork_rng(devices=[]):  # (a model's run can draw): the caller's stream
+        prior_log_w = _log_weights(energy, init.to(mode), prior_scale, PRIOR_ELBO_DRAWS)
     gain = _elbo(log_w, precond) - _elbo(prior_log_w, prior_scale)
     if not gain > START_MARGIN:
         return LaplaceStart(reason=poor)
