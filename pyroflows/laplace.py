@@ -3,9 +3,10 @@ r"""The Laplace start: a mode, a preconditioner, and whether to trust them, from
 ``laplace_start(energy, init)`` minimises ``energy(u)`` (the negative unnormalised log
 posterior in an unconstrained space) with L-BFGS from ``init``, finishes with damped Newton
 steps in float64, and takes the Laplace approximation ``N(mode, H^{-1})`` there. It is
-accepted only where it is a sound proposal for the posterior: a real mode (small Newton
-decrement), a positive-definite Hessian, and PSIS k-hat < 0.7 (or a log-weight spread under
-1 nat) on a few draws. Otherwise the result says why not, and the caller starts elsewhere.
+accepted only at a real mode (small Newton decrement) with a positive-definite Hessian, and
+where it is a sound proposal for the posterior (PSIS k-hat < 0.7, or a log-weight spread
+under 1 nat, on a few draws) or at least a far better start than the prior's (by ELBO).
+Otherwise the result says why not, and the caller starts elsewhere.
 
 Why (``benchmarks/RESULTS.md``): Adam's steps of about ``lr`` in absolute units cannot
 resolve posteriors whose sds are 1e-3 of the prior's or whose parameters are correlated at
@@ -45,7 +46,6 @@ __all__ = [
     "descend",
     "describe_error",
     "find_mode",
-    "laplace_fits",
     "laplace_start",
     "newton_step",
 ]
@@ -64,8 +64,8 @@ class LaplaceStart:
     """A Laplace start (``mode``, ``precond`` = chol(H^-1)), or ``reason`` why there is none.
 
     ``proposal``: whether ``N(mode, precond precond^T)`` is itself a sound proposal for the
-    posterior (``laplace_fits``); a start that is not is still far better than the prior's
-    (by ``START_MARGIN`` nats of ELBO or more), and ``reason`` says so."""
+    posterior (PSIS k-hat < 0.7 on 200 draws); a start that is not is still far better than
+    the prior's (by ``START_MARGIN`` nats of ELBO or more), and ``reason`` says so."""
 
     mode: Tensor | None = None
     precond: Tensor | None = None
@@ -82,12 +82,13 @@ def laplace_start(
 ) -> LaplaceStart:
     """The Laplace approximation of ``exp(-energy)`` near ``init``, if it is a sound start.
 
-    It is one where it is a sound proposal (``laplace_fits``), or where its ELBO beats that of
-    the prior start ``N(init, init_scale^2 I)`` by over ``START_MARGIN`` nats: a hierarchy
-    whose members' spread follows a scale (rats, posteriordb: k-hat 1.1 in 65 dimensions,
-    but the prior start 4.7e6 nats lower) then starts at its mode, while a funnel's mode,
-    far from all its mass, does not. ``search_from``: where the search starts (default
-    ``init``; ``pyroflows.noncentred`` gives a better one for centred hierarchies).
+    It is one where it is a sound proposal (PSIS k-hat < 0.7 on 200 draws), or where its
+    ELBO beats that of the prior start ``N(init, init_scale^2 I)`` by over ``START_MARGIN``
+    nats: a hierarchy whose members' spread follows a scale (rats, posteriordb: k-hat 1.1 in
+    65 dimensions, but the prior start 4.7e6 nats lower) then starts at its mode, while a
+    funnel's mode, far from all its mass, does not. ``search_from``: where the search
+    starts (default ``init``; ``pyroflows.noncentred`` gives a better one for centred
+    hierarchies).
 
     The result has the dtype of ``init``. The search runs in float64, because the curvature
     of a badly conditioned posterior (condition numbers of 1e10 and more) is lost in float32
@@ -260,17 +261,10 @@ def _log_weights(energy: Energy, mean: Tensor, chol: Tensor, num: int) -> Tensor
     return torch.stack(log_w)
 
 
-def laplace_fits(energy: Energy, mode: Tensor, precond: Tensor, num: int = LAPLACE_CHECK_DRAWS):
-    """Whether ``N(mode, precond precond^T)`` is a sound proposal for ``exp(-energy)``.
-
-    A mode can exist where the Laplace approximation is useless: Neal's funnel has its
-    mode at v = -40.5 (with the Jacobian), far from all its mass. Such a start would be
-    worse than the prior's, and PSIS k-hat of ``num`` draws shows it.
-    """
-    return _fits(_log_weights(energy, mode, precond, num))
-
-
 def _fits(log_w: Tensor) -> bool:
+    """Whether a Laplace approximation whose draws have these ``_log_weights`` is a sound
+    proposal. A mode can exist where it is useless: Neal's funnel has its mode at v = -40.5
+    (with the Jacobian), far from all its mass, and PSIS k-hat shows it."""
     if not torch.isfinite(log_w).any():
         return False
     # With 200 draws k-hat is noisy near 0.7; a small spread of the log weights (the

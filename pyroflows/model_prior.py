@@ -41,20 +41,28 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
-__all__ = ["draw_members", "gaussian_prior", "run_to_locals", "start_all_members", "start_members"]
+__all__ = [
+    "base_distribution",
+    "draw_members",
+    "gaussian_prior", "run_to_locals", "start_all_members", "start_members"]
 
 
 class _Stop(Exception):
     pass
 
 
+def base_distribution(fn):
+    """``fn`` without its ``Independent``, expanded and masked wrappers."""
+    while isinstance(fn, (dist.Independent, ExpandedDistribution, MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
 def gaussian_prior(fn) -> tuple[Tensor, Tensor] | None:
     """``(mean, precision)`` of ``fn`` in unconstrained space, elementwise over its shape,
     where it is Gaussian there (``Normal``, ``LogNormal``, wrapped in ``Independent`` or
     expanded), else ``None``."""
-    base = fn
-    while isinstance(base, (dist.Independent, ExpandedDistribution, MaskedDistribution)):
-        base = base.base_dist
+    base = base_distribution(fn)
     if type(base) not in (dist.Normal, dist.LogNormal):
         return None
     shape = fn.batch_shape + fn.event_shape

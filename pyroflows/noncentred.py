@@ -41,7 +41,6 @@ import math
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_value
 from pyro.infer.reparam import LocScaleReparam
 from pyro.poutine.util import site_is_subsample
@@ -50,6 +49,7 @@ from torch.distributions import biject_to
 
 from .hierarchy import hierarchy_plates
 from .laplace import Energy, descend
+from .model_prior import base_distribution
 from .sites import unconstrained_energy, unpack_with_log_det
 
 __all__ = ["hierarchy_search_start", "noncentred_descent"]
@@ -59,15 +59,11 @@ def hierarchy_search_start(model, trace, shapes: dict, energy: Energy, init: Ten
     """An unconstrained point (the layout of ``init``: ``trace``'s latent sites, ``shapes``
     their unconstrained shapes) to start the mode search of ``energy`` from, for a model
     with a centred hierarchy of ``Normal`` members (see the module docstring); ``None``
-    where the model has none or a search fails."""
+    where the model has none or a search fails. It runs the model, which can draw from
+    torch's random stream: fork it to keep the caller's."""
     members = _normal_members(trace)
     if not members:
         return None
-    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
-        return _search_start(model, trace, shapes, energy, init, members, args, kwargs)
-
-
-def _search_start(model, trace, shapes, energy, init, members, args, kwargs):
     is_member = torch.cat(
         [torch.full((math.prod(shape),), name in members) for name, shape in shapes.items()]
     )
@@ -134,7 +130,7 @@ def _normal_members(trace) -> list[str]:
         and not site["is_observed"]
         and not site_is_subsample(site)
         and set(plates) & {f.name for f in site["cond_indep_stack"]}
-        and type(_unwrapped(site["fn"])) is dist.Normal
+        and type(base_distribution(site["fn"])) is dist.Normal
     ]
 
 
@@ -148,9 +144,3 @@ def _descend_part(energy: Energy, point: Tensor, part: Tensor) -> Tensor | None:
     if isinstance(found, str):
         return None
     return point.to(found).masked_scatter(part, found)
-
-
-def _unwrapped(fn):
-    while isinstance(fn, (dist.Independent, ExpandedDistribution)):
-        fn = fn.base_dist
-    return fn
