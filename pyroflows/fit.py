@@ -22,6 +22,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.optim import PyroOptim
 
 from . import distributed as dist_
+from .averaging import tail_average
 from .calls import model_keywords
 from .compiled import Disagreement, compile_step
 from .diagnostics import psis_diagnostic
@@ -173,7 +174,9 @@ def fit(
         stop_early: end the run when the convergence rule says so.
         warmup: steps of linear learning-rate warm-up (default optimizer only).
         window, patience, decay_factor, num_decays: the plateau rule (``pyroflows.schedule``);
-            ``window`` defaults to ``clamp(num_steps // 40, 100, 250)``.
+            ``window`` defaults to ``clamp(num_steps // 40, 100, 250)``. On a model with a
+            subsampled plate, the run ends at the mean of the guide's global parameters over
+            the rule's final phase (``pyroflows.averaging``: minibatch noise averaged out).
         clip: the default optimizer's least elementwise gradient clip: each element is
             clamped at ``clip`` or at 5 times its running root mean square (Adam's second
             moment; one bound per tensor for tensors above 4,096 elements), whichever is
@@ -243,6 +246,7 @@ def fit(
     setup_time = 0.0 if distributed else _set_up(guide, args, kwargs, report)
     elbo = _for_local_latents(elbo, loss, guide, report)
     sparse = _sparse_rows(guide, optim, distributed)
+    average = tail_average(guide)  # (a subsampled model's last phase: pyroflows.averaging)
     losses: list[float] = []
     lr_history: list[float] = []
     reason = None
@@ -270,12 +274,14 @@ def fit(
                 losses.append(value)
                 lr_history.append(current_lr)
                 stop = schedule.record(value)
+                average.record(schedule.final_phase)
                 report.update(step, schedule.smoothed)
                 state = FitState(step, value, schedule.smoothed, current_lr, guide)
                 if any(callback(state) for callback in callbacks):
                     stop, reason = True, f"a callback stopped the run at step {step}"
                 if stop:
                     break
+            average.apply()
     finally:
         report.close()
     result = FitResult(

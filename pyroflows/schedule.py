@@ -95,6 +95,11 @@ class Schedule:
         """The loss smoothed over the last complete window (the running mean before one)."""
         return self.plateau.smoothed
 
+    @property
+    def final_phase(self) -> bool:
+        """Whether the plateau schedule runs at its smallest rate (after its last reduction)."""
+        return self.kind == "plateau" and self.decays == self.num_decays > 0
+
 
 class Plateau:
     """The windowed no-improvement rule of the module docstring."""
