@@ -61,7 +61,7 @@ def hierarchy_search_start(model, trace, shapes: dict, energy: Energy, init: Ten
     with a centred hierarchy of ``Normal`` members (see the module docstring); ``None``
     where the model has none or a search fails. It runs the model, which can draw from
     torch's random stream: fork it to keep the caller's."""
-    members = _normal_members(trace)
+    members = _centred(model, trace, _normal_members(trace), args, kwargs)
     if not members:
         return None
     is_member = torch.cat(
@@ -132,6 +132,35 @@ def _normal_members(trace) -> list[str]:
         and set(plates) & {f.name for f in site["cond_indep_stack"]}
         and type(base_distribution(site["fn"])) is dist.Normal
     ]
+
+
+def _centred(model, trace, members, args, kwargs) -> list[str]:
+    """The ``members`` whose prior moves with the globals: the others are non-centred
+    already (``eta ~ Normal(0, 1)``), with no spike to avoid (centred eight schools' search
+    fails at a saddle of its non-centred form too: 0.4 s spared)."""
+    if not members:
+        return []
+    moved = {}
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and name not in members:
+            if not site_is_subsample(site):
+                to = biject_to(site["fn"].support)
+                moved[name] = to(to.inv(site["value"]) + 1.0)
+    try:
+        with poutine.block(), torch.no_grad():
+            other = poutine.trace(poutine.condition(model, data=moved)).get_trace(*args, **kwargs)
+    except (RuntimeError, ValueError):  # the model refuses the moved globals: keep them all
+        return members
+
+    def prior(run, name):
+        base = base_distribution(run.nodes[name]["fn"])
+        return base.loc, base.scale
+
+    def same(name) -> bool:
+        pairs = zip(prior(trace, name), prior(other, name), strict=True)
+        return all(torch.equal(a, b) for a, b in pairs)
+
+    return [name for name in members if not same(name)]
 
 
 def _descend_part(energy: Energy, point: Tensor, part: Tensor) -> Tensor | None:
