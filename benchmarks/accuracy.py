@@ -70,6 +70,10 @@ def guide_factories(dim: int) -> dict:
         "Pyro spline_coupling x4": functools.partial(pyro_flow, spline_coupling),
         "AutoFlowGuide": AutoFlowGuide,
         "AutoFlowGuide init='prior'": functools.partial(AutoFlowGuide, init="prior"),
+        # a per-dimension skew and tail weight before the default flow (design measurement)
+        "AutoFlowGuide sinh_arcsinh + iaf x2": functools.partial(
+            AutoFlowGuide, flow=["sinh_arcsinh", "iaf", "iaf"]
+        ),
         # the schools as local latents (issue "subsampled local latents"): eight schools only
         "AutoFlowGuide local_plates=['J']": functools.partial(AutoFlowGuide, local_plates=["J"]),
         # matched architectures: the same layers and widths as the Pyro guide beside them

@@ -80,3 +80,23 @@ def test_flow_beats_multivariate_normal_on_a_non_gaussian_target():
             elbos[name] = -loss.loss(ring_model, guide)
     # Monte Carlo error of each estimate is ~0.01; the flow is better by ~0.2 nats.
     assert elbos["flow"] > elbos["mvn"] + 0.1, elbos
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_sinh_arcsinh_layer_reaches_a_skewed_marginal(seed):
+    # A Gumbel's long right tail: the default flow (two IAF blocks) fits it as a Gaussian,
+    # sd 17-21% narrow and the 99% quantile at 3.0 (truth 4.6) at seeds 0-3; a sinh-arcsinh
+    # layer first gives the marginal its own skew and tail weight.
+    from pyroflows import fit as fit_guide
+
+    def model():
+        pyro.sample("x", dist.Gumbel(0.0, 1.0))
+
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(model, flow=["sinh_arcsinh", "iaf", "iaf"])
+    fit_guide(model, guide, num_steps=3000, progress=False, seed=seed, diagnose=False)
+    x = guide.sample_posterior(40_000, seed=seed)["x"]
+    truth = dist.Gumbel(0.0, 1.0)
+    assert abs(torch.log(x.std() / truth.stddev)) < 0.1
+    q99 = float(truth.icdf(torch.tensor(0.99)))
+    assert abs(float(x.quantile(0.99)) - q99) < 0.6

@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (importing a family module registers it)
     glow,
     householder,
     linear,
+    marginal,
     normalization,
     planar,
     radial,
@@ -28,6 +29,7 @@ from .base import Stack, VectorTransformModule
 from .bnaf import BlockAutoregressive
 from .householder import Householder
 from .linear import LULinear, Permutation
+from .marginal import SinhArcsinh
 from .masked import ConditionalMaskedAutoregressive, MaskedAutoregressive, masked_layer
 from .nn import MaskedMLP
 from .normalization import ActNorm
@@ -61,6 +63,7 @@ __all__ = [
     "Planar",
     "Radial",
     "RationalQuadraticSpline",
+    "SinhArcsinh",
     "Stack",
     "Sylvester",
     "Transformer",
