@@ -1,7 +1,9 @@
 """The flow an ``AutoFlowGuide`` builds: its defaults and how a spec becomes a module.
 
 The defaults were chosen by measurement (``benchmarks/RESULTS.md``): two IAF blocks
-(``DEFAULT_FLOW``, ``DEFAULT_NUM_LAYERS``), conditioner width ``2 d`` clipped to ``[32, 128]``.
+(``DEFAULT_FLOW``, ``DEFAULT_NUM_LAYERS``), conditioner width ``2 d`` clipped to ``[32, 128]``;
+for a guide with local latents, whose flow holds a hierarchy's location and scale, a
+sinh-arcsinh layer first (``LOCALS_FIRST_LAYER``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from . import transforms
 __all__ = [
     "DEFAULT_FLOW",
     "DEFAULT_NUM_LAYERS",
+    "LOCALS_FIRST_LAYER",
     "build_guide_flow",
     "check_choice",
     "default_hidden_dims",
@@ -23,6 +26,12 @@ __all__ = [
 
 DEFAULT_FLOW = "iaf"
 DEFAULT_NUM_LAYERS = 2  # blocks of the default flow
+# With local latents the flow's vector is the hierarchy's globals, whose scale has its density
+# positive at zero: in log scale a long tail that IAF's Gaussian tails miss (centred eight
+# schools, schools local: max log sd 0.23-0.27 -> 0.02-0.03; benchmarks/results/design.md,
+# "The default flow's marginals"). Without local latents it did worse on Neal's funnel.
+LOCALS_FIRST_LAYER = "sinh_arcsinh"
+DEFAULT_DESCRIPTION = "default (two IAF blocks; with local latents a sinh-arcsinh layer first)"
 
 
 def check_choice(name: str, value, options: tuple) -> None:
@@ -34,6 +43,8 @@ def check_choice(name: str, value, options: tuple) -> None:
 
 def describe_architecture(spec, num_layers, hidden_dims, flow_kwargs: dict) -> dict:
     """The settings that give a guide's parameters their meaning, as saved in its state."""
+    if spec is None:
+        spec = DEFAULT_DESCRIPTION
     return {
         "flow": spec if isinstance(spec, (str, list, tuple)) else type(spec).__name__,
         "num_layers": num_layers,
@@ -43,7 +54,7 @@ def describe_architecture(spec, num_layers, hidden_dims, flow_kwargs: dict) -> d
 
 
 def validate_flow_spec(flow) -> None:
-    """Unknown names fail at construction, not at the first SVI step."""
+    """Unknown names fail at construction, not at the first SVI step (``None``: the default)."""
     names = [flow] if isinstance(flow, str) else flow
     if isinstance(names, (list, tuple)):
         for name in names:
@@ -66,10 +77,18 @@ def default_hidden_dims(latent_dim: int) -> list[int]:
 
 
 def build_guide_flow(
-    spec, dim: int, num_layers: int | None, hidden_dims: Sequence[int] | None, flow_kwargs: dict
+    spec,
+    dim: int,
+    num_layers: int | None,
+    hidden_dims: Sequence[int] | None,
+    flow_kwargs: dict,
+    has_locals: bool = False,
 ) -> nn.Module:
-    """``transforms.build`` with the guide's defaults: the default flow's depth and the
-    width policy for every family that has hidden layers."""
+    """``transforms.build`` with the guide's defaults: the default flow (``spec=None``) and
+    its depth, and the width policy for every family that has hidden layers."""
+    if spec is None:
+        blocks = [DEFAULT_FLOW] * (num_layers or DEFAULT_NUM_LAYERS)
+        spec, num_layers = ([LOCALS_FIRST_LAYER] if has_locals else []) + blocks, 1
     if num_layers is None and isinstance(spec, str) and spec == DEFAULT_FLOW:
         num_layers = DEFAULT_NUM_LAYERS
     kwargs = dict(flow_kwargs)

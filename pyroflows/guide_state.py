@@ -101,7 +101,11 @@ class SavedStateGuide:
             zeros = torch.zeros(self.latent_dim, dtype=dtype)
             # placeholders: the state dict's buffers overwrite them
             laplace = (zeros, torch.eye(self.latent_dim, dtype=dtype))
-            self._create_parameters(zeros, laplace if state.get("preconditioned") else None)
+            self._create_parameters(
+                zeros,
+                laplace if state.get("preconditioned") else None,
+                has_locals=bool(state.get("locals")),
+            )
             if state.get("locals"):
                 sites = [LocalSite(*key) for key in state["locals"]]
                 self.locals = LocalLatents(sites, self.latent_dim, None, 1.0, zeros)

@@ -84,9 +84,11 @@ class AutoFlowGuide(
         model: a Pyro model.
         flow: anything ``pyroflows.transforms.build`` takes: a registered name
             (``"nsf"``, ``"realnvp"``, ``"iaf"``, ...), a list of names, a ``TransformModule``
-            or a callable ``latent_dim -> TransformModule``.
-        num_layers: blocks of the flow (default: 2 for the default flow, else the family's
-            own default).
+            or a callable ``latent_dim -> TransformModule``. The default (``None``): two IAF
+            blocks; with local latents, a ``"sinh_arcsinh"`` layer before them (the globals'
+            own skew and tail weight: a hierarchy's scale).
+        num_layers: blocks of the flow (default: 2 IAF blocks for the default flow, else
+            the family's own default).
         hidden_dims: conditioner widths (default: ``architecture.default_hidden_dims``).
         base: ``"normal"``, or ``"studentt"`` for a heavy-tailed base with learnable degrees
             of freedom per dimension (tail-adaptive flows, Jaini et al. 2020,
@@ -141,7 +143,7 @@ class AutoFlowGuide(
     def __init__(
         self,
         model,
-        flow="iaf",
+        flow=None,
         num_layers: int | None = None,
         hidden_dims: Sequence[int] | None = None,
         base: str = "normal",
@@ -265,7 +267,7 @@ class AutoFlowGuide(
                         "starting from init_loc_fn instead",
                         stacklevel=4,
                     )
-            self._create_parameters(init_loc, laplace)
+            self._create_parameters(init_loc, laplace, has_locals=bool(local_sites))
             self.laplace_proposal = laplace is not None and start.proposal
             if local_sites:
                 self.locals = LocalLatents(
@@ -336,7 +338,7 @@ class AutoFlowGuide(
         shapes = self._unconstrained_shapes
         return unconstrained_energy(self.model, self.prototype_trace, shapes, args, kwargs)
 
-    def _create_parameters(self, init_loc: Tensor, laplace=None) -> None:
+    def _create_parameters(self, init_loc: Tensor, laplace=None, has_locals=False) -> None:
         dim = len(init_loc)
         # The guide works relative to a fixed affine "preconditioner" z = center + P w: the
         # Laplace approximation when available (then w starts at N(0, I)), else the identity
@@ -357,9 +359,8 @@ class AutoFlowGuide(
         if self._base == "studentt":
             # df = 1 + softplus(raw) starts at 30: nearly Gaussian, tails learnable per dimension.
             self.df_raw = nn.Parameter(init_loc.new_full((dim,), math.log(math.expm1(29.0))))
-        flow = build_guide_flow(
-            self._flow_spec, dim, self._num_layers, self._hidden_dims, self._flow_kwargs
-        )
+        spec = (self._flow_spec, dim, self._num_layers, self._hidden_dims, self._flow_kwargs)
+        flow = build_guide_flow(*spec, has_locals)
         self.flow = flow.to(dtype=init_loc.dtype, device=init_loc.device)
         # Whether L is full lower-triangular (else diagonal): fixed once the flow exists.
         if self._affine == "auto":

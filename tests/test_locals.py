@@ -189,6 +189,20 @@ def test_save_and_load_keep_every_member_and_refuse_another_model():
         learned.load_state_dict(state)
 
 
+def test_the_default_flow_puts_a_sinh_arcsinh_layer_before_a_local_guide_s_globals():
+    # With local latents the flow holds the hierarchy's globals, whose scale has a long tail
+    # (test_accuracy.py); without them the default is two IAF blocks, as before.
+    from pyroflows.transforms import SinhArcsinh
+
+    sigma, y = data()
+    local = AutoFlowGuide(hierarchical).setup(sigma, y, 10)
+    assert isinstance(local.flow[0], SinhArcsinh) and len(local.flow) == 3
+    whole = AutoFlowGuide(hierarchical).setup(sigma, y, None)  # nothing subsampled: no locals
+    iaf = AutoFlowGuide(hierarchical, flow="iaf").setup(sigma, y, None)
+    assert whole.locals is None and repr(whole.flow) == repr(iaf.flow)
+    assert not any(isinstance(part, SinhArcsinh) for part in whole.flow)
+
+
 def test_a_full_plate_declared_local_and_nested_and_constrained_locals():
     def model():
         tau = pyro.sample("tau", dist.HalfNormal(1.0))
