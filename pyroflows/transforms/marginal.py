@@ -50,9 +50,8 @@ RATE = 0.5  # (1.0: a conjugate normal from a far start 12% too wide after 300 s
 
 
 def _log_cosh(a: Tensor) -> Tensor:
-    # log cosh a = |a| + log(1 + exp(-2|a|)) - log 2: no overflow for large |a|
-    a = a.abs()
-    return a + nn.functional.softplus(-2.0 * a) - LOG_2
+    # log cosh a = log(e^a + e^-a) - log 2, without overflow for large |a|
+    return torch.logaddexp(a, -a) - LOG_2
 
 
 class SinhArcsinh(VectorTransformModule):
