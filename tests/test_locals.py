@@ -203,6 +203,21 @@ def test_the_default_flow_puts_a_sinh_arcsinh_layer_before_a_local_guide_s_globa
     assert not any(isinstance(part, SinhArcsinh) for part in whole.flow)
 
 
+def test_a_local_guide_saved_with_two_iaf_blocks_is_refused_by_the_new_default_naming_it():
+    # Local guides saved before their default flow gained the sinh-arcsinh layer (2026-12-02)
+    # must not load silently into today's default; the error names flow='iaf'.
+    sigma, y = data()
+    old = AutoFlowGuide(hierarchical, flow="iaf")
+    fit(hierarchical, old, sigma, y, 10, num_steps=5, progress=False, diagnose=False)
+    new = AutoFlowGuide(hierarchical)
+    with pytest.raises(ValueError, match="flow='iaf' there"):
+        new.load_state_dict(old.state_dict())
+    assert new.prototype_trace is None and not list(new.parameters())  # nothing half-built
+    again = AutoFlowGuide(hierarchical, flow="iaf")
+    again.load_state_dict(old.state_dict())
+    assert torch.equal(again.loc, old.loc)
+
+
 def test_a_full_plate_declared_local_and_nested_and_constrained_locals():
     def model():
         tau = pyro.sample("tau", dist.HalfNormal(1.0))
