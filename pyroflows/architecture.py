@@ -53,8 +53,10 @@ def describe_architecture(spec, num_layers, hidden_dims, flow_kwargs: dict) -> d
     }
 
 
-def validate_flow_spec(flow) -> None:
-    """Unknown names fail at construction, not at the first SVI step (``None``: the default)."""
+def validate_flow_spec(flow, num_layers=None) -> None:
+    """Unknown names and a depth below one fail at construction, not at the first SVI step
+    (``None``: the default)."""
+    transforms.check_num_layers(num_layers)
     names = [flow] if isinstance(flow, str) else flow
     if isinstance(names, (list, tuple)):
         for name in names:

@@ -169,7 +169,7 @@ class AutoFlowGuide(
         check_choice("affine", affine, ("auto", "full", "diagonal"))
         check_choice("init", init, ("auto", "laplace", "prior"))
         check_choice("local_prior", local_prior, ("learned", "model"))
-        validate_flow_spec(flow)
+        validate_flow_spec(flow, num_layers)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._user_model = (model,)  # without Pyro's init handler: run inside the guide
         self.create_plates = create_plates

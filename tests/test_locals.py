@@ -455,7 +455,7 @@ def test_the_globals_diagnostic_integrates_each_member_out_where_joint_weights_d
     mean = torch.stack([(w * mu).sum(), (w * log_tau).sum()])
     sd = torch.stack([(w * (mu - mean[0]) ** 2).sum(), (w * (log_tau - mean[1]) ** 2).sum()])
     guide = AutoFlowGuide(
-        hierarchical, local_plates=["groups"], num_layers=0, local_prior="learned"
+        hierarchical, local_plates=["groups"], num_layers=1, local_prior="learned"
     ).setup(sigma, y)
     net = guide.locals.nets[0]
     with torch.no_grad():

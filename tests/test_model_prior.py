@@ -141,7 +141,7 @@ def test_resampling_weighs_the_globals_with_members_integrated_out_and_fixes_a_n
     pyro.set_rng_seed(0)
     sigma, y = data(40)
     exact = grid_posterior(sigma, y)
-    guide = AutoFlowGuide(model, num_layers=0, local_plates=["groups"]).setup(sigma, y, None)
+    guide = AutoFlowGuide(model, num_layers=1, local_plates=["groups"]).setup(sigma, y, None)
     with torch.no_grad():  # q(mu, log tau): centred, but 3 times too narrow
         guide.loc.copy_(torch.stack([exact["mu"][0], exact["log_tau"][0]]).float())
         sd = torch.stack([exact["mu"][1], exact["log_tau"][1]]).float() / 3
@@ -172,7 +172,7 @@ def test_a_globals_draw_that_rounds_its_members_draws_gets_no_weight():
 
     pyro.set_rng_seed(0)
     sigma, y = data(40)
-    guide = AutoFlowGuide(model, num_layers=0, local_plates=["groups"]).setup(sigma, y, None)
+    guide = AutoFlowGuide(model, num_layers=1, local_plates=["groups"]).setup(sigma, y, None)
     with torch.no_grad():
         guide.loc.copy_(torch.tensor([5.0, -19.0]))
         guide.scale_raw.fill_(-9.0)  # softplus: 1e-4, nearly a point

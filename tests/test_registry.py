@@ -104,3 +104,13 @@ def test_repr_says_what_a_layer_is():
     text = repr(T.build("nsf", 4, num_layers=1, hidden_dims=[8]))
     assert "coupling" in text and "RationalQuadraticSpline(count_bins=8, bound=3.0)" in text
     assert "autoregressive" in repr(T.build("iaf", 4, num_layers=1))
+
+
+def test_num_layers_below_one_is_refused_not_read_as_the_default():
+    # num_layers=0 built the family's default depth (4 IAF blocks) without a word.
+    from pyroflows import AutoFlowGuide
+
+    with pytest.raises(ValueError, match="num_layers must be a positive integer, got 0"):
+        T.build("iaf", 3, num_layers=0)
+    with pytest.raises(ValueError, match="num_layers must be a positive integer, got 0"):
+        AutoFlowGuide(lambda: None, num_layers=0)

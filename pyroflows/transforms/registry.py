@@ -166,6 +166,7 @@ def build(
     """
     if not isinstance(input_dim, int) or input_dim < 1:
         raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
+    check_num_layers(num_layers)
     is_name = isinstance(spec, str) or (isinstance(spec, Sequence) and not callable(spec))
     if not is_name and (architecture or num_layers is not None):
         # A module is built and a callable builds itself: keywords would be silently lost.
@@ -200,6 +201,12 @@ def build(
             parts.append(fam.factory(input_dim, layer=seen[fam.name], context_dim=ctx, **kwargs))
             seen[fam.name] += 1
     return compose(parts)
+
+
+def check_num_layers(num_layers) -> None:
+    """``None`` (the default depth) or a positive integer: 0 must not read as the default."""
+    if num_layers is not None and (not isinstance(num_layers, int) or num_layers < 1):
+        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
 
 
 def compose(parts: list[nn.Module]) -> TransformModule | ConditionalTransformModule:
