@@ -44,9 +44,10 @@ SKEW_BOUND = 3.0
 LOG_2 = math.log(2.0)
 # The raw parameters are scaled by this (Adam's steps are then this much smaller for them): the
 # layer's shape changes slowly, so a guide travelling from a far start does not bend its
-# tails to do so, and settles with the location and scale first.
-RATE = 0.5  # (1.0: a conjugate normal from a far start 12% too wide after 300 steps; 0.25: the
-# skew no longer reached: benchmarks/results/design.md, "The default flow's marginals")
+# tails to do so, and settles with the location and scale first. At 1.0 a conjugate normal
+# from a far start was 12% too wide after 300 steps; at 0.25 a hierarchy's scale no longer
+# reached its tail (benchmarks/results/design.md, "The default flow's marginals").
+RATE = 0.5
 
 
 def _log_cosh(a: Tensor) -> Tensor:
