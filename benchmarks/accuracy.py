@@ -76,8 +76,8 @@ def guide_factories(dim: int) -> dict:
         ),
         # the schools as local latents (issue "subsampled local latents"): eight schools only
         "AutoFlowGuide local_plates=['J']": functools.partial(AutoFlowGuide, local_plates=["J"]),
-        "AutoFlowGuide local_plates=['J'], sinh_arcsinh + iaf x2": functools.partial(
-            AutoFlowGuide, local_plates=["J"], flow=["sinh_arcsinh", "iaf", "iaf"]
+        "AutoFlowGuide local_plates=['J'], iaf x2 (the default before 2026-12-02)": (
+            functools.partial(AutoFlowGuide, local_plates=["J"], flow="iaf")
         ),
         # matched architectures: the same layers and widths as the Pyro guide beside them
         "AutoFlowGuide iaf x1 [3d+1] (= AutoIAFNormal)": functools.partial(
