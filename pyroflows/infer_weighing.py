@@ -1,6 +1,6 @@
-"""The importance checks of ``infer``'s route (``pyroflows.inference``): weigh a guide's
-draws, accept them or not, look for modes the guide misses, and size each check to the time
-left.
+"""The importance checks of ``infer``'s route (``pyroflows.inference``): train a guide until
+its draws pass, weigh them, accept them or not, look for modes the guide misses, and size
+each check to the time left.
 
 ``ImportanceChecks`` is a mixin of ``infer``'s run, which supplies the model, guide and
 arguments, its clock (``left``, ``deadline``), and ``keep`` and ``posterior`` for answers.
@@ -19,25 +19,88 @@ import time
 import pyro
 
 from .diagnostics import importance_resample
+from .fit import fit
 from .modes import check_modes
 from .posterior import Stage
+from .progress import FitError
 from .psis import NoFiniteWeights
 
-__all__ = ["ACCEPT_KHAT", "PROPOSALS", "ImportanceChecks"]
+__all__ = ["ACCEPT_KHAT", "CHECK_EVERY", "LOCALS_CHECK_EVERY", "PROPOSALS", "ImportanceChecks"]
 
 ACCEPT_KHAT = 0.5  # not PSIS's 0.7: a funnel's log sd 0.24 off passed at 0.57 (RESULTS.md)
 PROPOSALS = 4000  # guide draws weighed per check (at least num_samples)
 SEQUENTIAL_PROPOSALS = 1000  # for a model that does not broadcast over draws
 CALIBRATION_PROPOSALS = 200  # weighed once to measure a draw's cost, under a time budget
 MAX_PROPOSALS = 40_000  # when k-hat is fine but the ESS short: draw up to this many
+# Steps between a fit's k-hat checks. A local guide's fit (general path, 5-10 ms a step,
+# weighed on its few globals) is checked twice as often and trained on until fresh draws
+# pass; a joint flow's stops at its first passing check (RESULTS.md, "infer: the route").
+CHECK_EVERY, LOCALS_CHECK_EVERY = 500, 250
+COMPILE_MIN_SECONDS = 20.0  # compiling costs ~150 general steps: not worth it with less left
 
 
 class ImportanceChecks:
     """Mixin of ``infer``'s run: its importance-resampling checks (module docstring)."""
 
-    def weigh(self, stage: Stage) -> None:
+    def train(
+        self, stage: Stage, prefix: str, check_every: int = CHECK_EVERY,
+        until_accepted: bool = False, weigh: bool = True, **settings,
+    ) -> None:  # fmt: skip
+        """``fit`` the guide until its draws can be trusted, then weigh them.
+
+        Every ``check_every`` steps k-hat is read on ``PROPOSALS`` draws; where it is below
+        the bar, training stops, and the answer is judged on a fresh, independent set (the
+        step is chosen where k-hat dipped, so the draws that chose it would judge themselves
+        too kindly). ``until_accepted``: that judgement runs at the check, and where it
+        fails, training goes on. A fit that ends otherwise (its own plateau rule, its step
+        limit, the deadline) is weighed at its end (``weigh=False``: not weighed; a
+        subsampled model has no weights)."""
+        why, verdict = [], []
+
+        def enough(state) -> bool:
+            if self.deadline is not None and self.left() < 2 * self.check_seconds + 0.5:
+                why.append(f"stopped at step {state.step}: the time budget")
+                return True
+            if state.step % check_every or not self.vectorised or not weigh:
+                return False
+            try:
+                peek = self.resample(self.proposals(check=True), adapt=False)
+            except NoFiniteWeights:  # nothing the model accepts drawn yet: train on
+                return False
+            if not peek.diagnostic.k_hat < ACCEPT_KHAT:
+                return False
+            if not until_accepted:
+                why.append(f"stopped at step {state.step}: k-hat {peek.diagnostic.k_hat:.2f}")
+                return True
+            judged = Stage(stage.name, 0.0, "")
+            self.weigh(judged, final=False)
+            if judged.accepted:
+                why.append(f"accepted at step {state.step}")
+                verdict.append(judged)
+            return bool(verdict)
+
+        fast = self.left() > COMPILE_MIN_SECONDS
+        settings.update(progress=self.progress, diagnose=False, callbacks=[enough], fast=fast)
+        try:
+            result = fit(self.model, self.guide, *self.args, model_kwargs=self.kwargs, **settings)
+            ended = why[0] if why else result.reason
+            stage.outcome = f"{prefix}{result.num_steps} steps ({ended}); "
+        except FitError as error:
+            if error.site in self.bad_data:  # the data themselves: no stage can mend that
+                raise
+            # Training diverged: the guide keeps its last finite parameters, judged as any
+            diverged = str(error).split(". ")[0].removeprefix("fit: ")
+            stage.outcome = f"{prefix}training diverged: {diverged}; "
+        if verdict:
+            stage.outcome += verdict[0].outcome
+            stage.accepted = True
+        elif weigh:
+            self.weigh(stage)
+
+    def weigh(self, stage: Stage, final: bool = True) -> None:
         """Importance-resample the guide's draws, judged on its own weights (moment matching
-        lowers k-hat on the draws it judges: it only improves a rejected answer)."""
+        lowers k-hat on the draws it judges: it only improves a rejected answer, and only a
+        ``final`` one: not one that training will go on to improve)."""
         began = time.perf_counter()
         proposals = self.proposals()
         try:
@@ -62,7 +125,7 @@ class ImportanceChecks:
         diagnostics = {"k_hat": d.k_hat, "ess": d.ess, "proposals": d.num_samples}
         label = f"PSIS-resampled guide draws ({stage.name}), k-hat {d.k_hat:.2f}, ESS {d.ess:.0f}"
         label += "; globals weighted, members integrated out" if self.guide.local_sites else ""
-        if not stage.accepted and self.left() > 3 * (time.perf_counter() - began):
+        if final and not stage.accepted and self.left() > 3 * (time.perf_counter() - began):
             adapted = self.resample(proposals)  # moment matching: a better approximate answer
             if adapted.num_adaptations:
                 out, maps = adapted, adapted.num_adaptations

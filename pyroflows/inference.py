@@ -40,16 +40,15 @@ from pyro.infer.autoguide.initialization import init_to_value
 
 from .calls import model_keywords
 from .draws import NOT_VECTORISED_HINT, draw, evaluate_at, runs_vectorised
-from .fit import fit
 from .guides import AutoFlowGuide
 from .hierarchy import hierarchy_plates
 from .hmc import NoFiniteStart
-from .infer_weighing import ACCEPT_KHAT, CALIBRATION_PROPOSALS, ImportanceChecks
+from .infer_weighing import CALIBRATION_PROPOSALS, LOCALS_CHECK_EVERY, ImportanceChecks
 from .member_bound import MembersNotSeparable
 from .member_owners import observation_owners
 from .neutra import cannot_batch, neutra_chain, neutra_chains
 from .posterior import Posterior, Route, Stage
-from .progress import FitError, check_setting
+from .progress import check_setting
 from .psis import NoFiniteWeights
 from .subsampling import subsampled_plate, trace_at_guide_draw
 from .transforms import invertible
@@ -59,10 +58,8 @@ __all__ = ["STAGES", "infer"]
 STAGES = ("laplace", "locals", "fit", "dreg", "neutra")
 R_HAT_LIMIT = 1.01
 NEUTRA_MIN_SECONDS = 10.0  # a chain needs its warm-up: not started with less time left
-COMPILE_MIN_SECONDS = 20.0  # compiling costs ~150 general steps: not worth it with less left
 NEUTRA_TARGET_ACCEPT = 0.9  # NUTS's: smaller steps where the flow leaves curvature (necks)
 MCMC_MIN_ESS = 400  # Vehtari et al. (2021)'s bulk-ESS rule for MCMC draws
-CHECK_EVERY = 500  # a fit stops at a k-hat check; the answer is judged on fresh draws
 PARTICLES = 8  # of the dreg stage (benchmarks/RESULTS.md: K=8 met 10 of 14 posteriors)
 FIT_STEPS, DREG_STEPS = 5000, 3000  # the benchmark's budget; the plateau rule ends most sooner
 
@@ -272,10 +269,10 @@ class _Run(ImportanceChecks):
         if why:
             stage.outcome, self.guide = f"skipped: {why}", joint
             return
-        trained = self.fit(loss="elbo", num_particles=1, num_steps=FIT_STEPS)
-        stage.outcome = f"local_plates={list(plates)}, {trained}"
         try:
-            self.weigh(stage)
+            settings = dict(check_every=LOCALS_CHECK_EVERY, until_accepted=True)
+            settings.update(loss="elbo", num_steps=FIT_STEPS)
+            self.train(stage, f"local_plates={list(plates)}, ", **settings)
         except MembersNotSeparable as error:  # at the trained guide (which training may have
             stage.outcome += str(error)  # left far out) the owner map came out wrong
         if not stage.accepted:  # the later stages use the joint flow
@@ -283,12 +280,10 @@ class _Run(ImportanceChecks):
 
     def stage_fit(self, stage: Stage) -> None:
         self.setup()
-        stage.outcome = self.fit(loss="elbo", num_particles=1, num_steps=FIT_STEPS)
+        self.train(stage, "", weigh=not self.subsampled, loss="elbo", num_steps=FIT_STEPS)
         if self.subsampled:
             stage.outcome += f"guide draws, no k-hat: {self.subsampled}"
             self.keep_guide_draws()
-        else:
-            self.weigh(stage)
 
     def stage_dreg(self, stage: Stage) -> None:
         self.setup()
@@ -302,9 +297,8 @@ class _Run(ImportanceChecks):
             )
             return
         loss = "dreg" if invertible(self.guide.flow) else "iwae"
-        trained = self.fit(loss=loss, num_particles=PARTICLES, num_steps=DREG_STEPS)
-        stage.outcome = f"{loss} K={PARTICLES}, {trained}"
-        self.weigh(stage)
+        settings = dict(loss=loss, num_particles=PARTICLES, num_steps=DREG_STEPS)
+        self.train(stage, f"{loss} K={PARTICLES}, ", **settings)
 
     def stage_neutra(self, stage: Stage) -> None:
         self.setup()
@@ -347,40 +341,6 @@ class _Run(ImportanceChecks):
         self.keep(3 if ok else (1 if usable else -1), posterior, label)
 
     # ------------------------------------------------------------------------- helpers
-    def fit(self, **settings) -> str:
-        """``fit`` until its own rule ends it, the deadline nears, or (checked every
-        ``CHECK_EVERY`` steps) k-hat says the weights can be trusted:
-        training further would only polish what resampling corrects anyway."""
-
-        why = []
-
-        def enough(state) -> bool:
-            if self.deadline is not None and self.left() < 2 * self.check_seconds + 0.5:
-                why.append(f"stopped at step {state.step}: the time budget")
-                return True
-            if state.step % CHECK_EVERY or not self.vectorised:  # a check costs seconds then
-                return False
-            try:
-                peek = self.resample(self.proposals(check=True), adapt=False)
-            except NoFiniteWeights:  # nothing the model accepts drawn yet: train on
-                return False
-            if peek.diagnostic.k_hat < ACCEPT_KHAT:
-                # The stop is chosen where k-hat dipped below the bar, so these draws would
-                # judge themselves optimistically: weigh() judges a fresh, independent set.
-                why.append(f"stopped at step {state.step}: k-hat {peek.diagnostic.k_hat:.2f}")
-            return bool(why)
-
-        fast = self.left() > COMPILE_MIN_SECONDS
-        settings.update(progress=self.progress, diagnose=False, callbacks=[enough], fast=fast)
-        try:
-            result = fit(self.model, self.guide, *self.args, model_kwargs=self.kwargs, **settings)
-        except FitError as error:
-            if error.site in self.bad_data:  # the data themselves: no stage can mend that
-                raise
-            # Training diverged: the guide keeps its last finite parameters, judged as any
-            return f"training diverged: {str(error).split('. ')[0].removeprefix('fit: ')}; "
-        return f"{result.num_steps} steps ({why[0] if why else result.reason}); "
-
     def keep_guide_draws(self) -> None:
         """The guide's own draws of every member: where nothing can weigh them."""
         samples = self.guide.sample_posterior(self.num_samples, seed=None)

@@ -97,6 +97,32 @@ def test_infer_answers_a_funnel_in_a_plate_at_the_locals_stage_within_mcse():
     assert abs(float(log_abs_x.mean()) + 0.635) < 3 * 1.867 / math.sqrt(ess)
 
 
+def test_a_locals_check_whose_fresh_draws_fail_trains_on_instead_of_leaving_the_stage(
+    monkeypatch,
+):
+    # Before: a fit stopped at the first check whose k-hat passed; if fresh draws then failed,
+    # the stage was over and the route went on to the joint flow's (slower) stages.
+    import pyroflows.infer_weighing as weighing
+
+    real_weigh, judged = weighing.ImportanceChecks.weigh, []
+
+    def first_judgement_fails(self, stage, **final):
+        real_weigh(self, stage, **final)
+        judged.append((final.get("final", True), stage.accepted))
+        if len(judged) == 1:
+            stage.accepted = False  # as fresh draws reading k-hat above the bar would
+
+    monkeypatch.setattr(weighing.ImportanceChecks, "weigh", first_judgement_fails)
+    posterior = infer(funnel, num_samples=1000, seed=0, progress=False)
+    assert [s.name for s in posterior.route.stages] == ["laplace", "locals"]
+    locals_stage = posterior.route.stages[-1]
+    assert locals_stage.accepted and "(locals)" in posterior.label
+    step = weighing.LOCALS_CHECK_EVERY
+    assert f"accepted at step {2 * step}" in locals_stage.outcome, locals_stage.outcome
+    # the laplace stage's final weighing, then two judgements made during training
+    assert [final for final, _ in judged][-2:] == [False, False]
+
+
 def test_a_given_guide_or_a_non_hierarchy_skips_the_locals_stage_and_says_why():
     y = torch.tensor([1.0, 2.0, 0.0])
     for guide, why in (

@@ -252,10 +252,10 @@ def test_neutra_runs_on_a_flat_prior_model():
 def test_a_stage_whose_training_diverges_says_so_and_the_route_goes_on(monkeypatch):
     # arma11 (held-out set): a draw of the MA coefficient above 1 makes the errors grow as
     # theta^200 and fit stops with a FitError; infer stopped with it, losing every stage.
-    import pyroflows.inference as inference
+    import pyroflows.infer_weighing as weighing
     from pyroflows import FitError
 
-    real_fit, calls = inference.fit, []
+    real_fit, calls = weighing.fit, []
 
     def diverging_once(*args, **kwargs):
         calls.append(1)
@@ -269,7 +269,7 @@ def test_a_stage_whose_training_diverges_says_so_and_the_route_goes_on(monkeypat
             "AutoFlowGuide.loc",
         )
 
-    monkeypatch.setattr(inference, "fit", diverging_once)
+    monkeypatch.setattr(weighing, "fit", diverging_once)
     y = torch.tensor([1.2, 0.4, 2.1, 1.7, 0.9])
     guide = AutoFlowGuide(conjugate, init="prior")
     posterior = infer(
