@@ -55,13 +55,6 @@ NEWTON_STEPS = 5  # after L-BFGS, to reach the mode on badly conditioned posteri
 LAPLACE_CHECK_DRAWS = 200  # draws for the k-hat check of the approximation
 START_MARGIN = 100.0  # nats by which a start must beat the prior's to replace it
 PRIOR_ELBO_DRAWS = 50  # the prior start's ELBO, against that margin: a coarse comparison
-# L-BFGS (_minimise): at most 150 steps (a rejected start cost 2.65 s at 500, 0.81 s at 150),
-# 20 remembered, each backtracked (halved) at most 30 times until the energy falls by 1e-4 of
-# the slope's prediction, or doubled while it is too short; stops when no gradient element
-# exceeds 1e-9 or the energy moves less than 1e-12 (torch.optim.LBFGS's tolerances).
-LBFGS_ITERATIONS, LBFGS_HISTORY, BACKTRACKS, ARMIJO = 150, 20, 30, 1e-4
-EXPANSIONS, WOLFE = 30, 0.9  # a step doubled while the slope stays above 0.9 of its start
-GRADIENT_TOLERANCE, CHANGE_TOLERANCE, CURVATURE_FLOOR = 1e-9, 1e-12, 1e-10
 
 Energy = Callable[[Tensor], Tensor]
 
@@ -146,7 +139,9 @@ def find_mode(energy: Energy, init: Tensor) -> tuple[Tensor, Tensor] | str:
             if not decrement < 1e-2:
                 return f"no mode found (Newton decrement {decrement:.3g})"
             precond = torch.linalg.cholesky(torch.cholesky_inverse(chol_h))
-    except (RuntimeError, ValueError, NotImplementedError) as error:  # not PD, no density
+    # not PD, no density, or (IndexError) torch's strong-Wolfe search indexing past its
+    # bracket on a NaN energy
+    except (RuntimeError, ValueError, NotImplementedError, IndexError) as error:
         return f"the search failed: {describe_error(error)}"
     if not torch.isfinite(precond).all():
         return "the Hessian at the mode is singular"
@@ -159,8 +154,10 @@ def descend(energy: Energy, init: Tensor) -> Tensor | str:
     try:
         with torch.enable_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a search towards no mode warns of NaN
-            point = _minimise(energy, init.detach().to(_search_dtype(energy, init)))
-    except (RuntimeError, ValueError, NotImplementedError) as error:
+            # A copy: in float64, .double() would be init itself, and L-BFGS writes in place.
+            start = init.detach().to(_search_dtype(energy, init), copy=True)
+            point = _minimise(energy, start.requires_grad_(True))
+    except (RuntimeError, ValueError, NotImplementedError, IndexError) as error:
         return f"the search failed: {describe_error(error)}"
     if not torch.isfinite(point).all():
         return "the search reached no finite mode"
@@ -193,84 +190,24 @@ def describe_error(error: BaseException) -> str:
 
 
 def _minimise(energy: Energy, u: Tensor) -> Tensor:
-    """L-BFGS from ``u`` (Nocedal and Wright 2006, algorithm 7.4: the two-loop recursion over
-    the last ``LBFGS_HISTORY`` steps), each step backtracked until it decreases the energy
-    enough (Armijo's rule), at most ``LBFGS_ITERATIONS`` steps; ``find_mode``'s Newton steps
-    finish from where it stops. Not ``torch.optim.LBFGS``: torch's optimizers import
-    ``torch._dynamo`` on first use, 0.6 s of the first ``infer`` call of a process that ends
-    at the Laplace stage (``benchmarks/results/infer_route.md``)."""
-    x = u.detach()
-    value, grad = _value_and_grad(energy, x)
-    steps, changes = [], []  # x_{k+1} - x_k and g_{k+1} - g_k, oldest first
-    for _ in range(LBFGS_ITERATIONS):
-        if not torch.isfinite(value) or not grad.abs().max() > GRADIENT_TOLERANCE:
-            break
-        direction = -_inverse_hessian_times(grad, steps, changes)
-        slope = grad @ direction
-        if not slope < 0:  # the memory's curvature points uphill: start again from -grad
-            steps.clear()
-            changes.clear()
-            direction, slope = -grad, -(grad @ grad)
-        # (torch's first step: 1 / |g|_1, as a unit step along a raw gradient can be huge)
-        length = 1.0 if steps else min(1.0, 1.0 / float(grad.abs().sum()))
-        for _ in range(BACKTRACKS):
-            candidate = x + length * direction
-            new_value, new_grad = _value_and_grad(energy, candidate)
-            if torch.isfinite(new_value) and new_value <= value + ARMIJO * length * slope:
-                break
-            length *= 0.5
-        else:
-            break  # no decrease along this direction within the backtracks: stop here
-        # Too short while the slope stays steep (Wolfe's curvature condition): longer steps,
-        # as far off in a flat tail (a Student-t's) a unit of the gradient is a crawl.
-        for _ in range(EXPANSIONS):
-            if not new_grad @ direction < WOLFE * slope:
-                break
-            longer = x + 2 * length * direction
-            longer_value, longer_grad = _value_and_grad(energy, longer)
-            if not (torch.isfinite(longer_value) and longer_value < new_value):
-                break
-            length, candidate, new_value, new_grad = 2 * length, longer, longer_value, longer_grad
-        step, change = candidate - x, new_grad - grad
-        if change @ step > CURVATURE_FLOOR * (change @ change):  # else it would not be PD
-            steps, changes = (
-                [*steps[-LBFGS_HISTORY + 1 :], step],
-                [
-                    *changes[-LBFGS_HISTORY + 1 :],
-                    change,
-                ],
-            )
-        settled = abs(float(value - new_value)) < CHANGE_TOLERANCE
-        x, value, grad = candidate, new_value, new_grad
-        if settled:
-            break
-    return x
+    optimizer = torch.optim.LBFGS(
+        [u],
+        lr=1.0,
+        max_iter=150,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
+    def closure():
+        optimizer.zero_grad()
+        value = energy(u)
+        value.backward()
+        return value
 
-def _value_and_grad(energy: Energy, x: Tensor) -> tuple[Tensor, Tensor]:
-    x = x.detach().requires_grad_(True)
-    value = energy(x)
-    (grad,) = torch.autograd.grad(value, x)
-    return value.detach(), grad
-
-
-def _inverse_hessian_times(grad: Tensor, steps: list, changes: list) -> Tensor:
-    """L-BFGS's estimate of ``H^-1 grad`` from the remembered steps (the two-loop recursion),
-    scaled by ``s'y / y'y`` of the latest step; ``grad`` itself with no memory."""
-    q = grad.clone()
-    weights = []
-    for step, change in zip(reversed(steps), reversed(changes), strict=True):
-        rho = 1.0 / (change @ step)
-        alpha = rho * (step @ q)
-        q -= alpha * change
-        weights.append((rho, alpha))
-    if steps:
-        q *= (steps[-1] @ changes[-1]) / (changes[-1] @ changes[-1])
-    for (step, change), (rho, alpha) in zip(
-        zip(steps, changes, strict=True), reversed(weights), strict=True
-    ):
-        q += (alpha - rho * (change @ q)) * step
-    return q
+    optimizer.step(closure)
+    return u.detach()
 
 
 def newton_step(energy: Energy, u: Tensor):

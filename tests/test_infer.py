@@ -327,26 +327,3 @@ def test_a_flow_with_too_few_finite_chain_starts_skips_neutra_saying_why():
     (stage,) = posterior.route.stages
     assert stage.outcome.startswith("not run") and "not finite" in stage.outcome
     assert bool((posterior.samples["x"] <= -2.0).all())
-
-
-def test_an_answer_at_the_laplace_stage_does_not_import_torch_dynamo():
-    # torch's optimizers import torch._dynamo on first use (about 1 s, once per process);
-    # the Laplace search runs its own L-BFGS, so a posterior the Laplace stage answers
-    # costs a fresh process none of it (before: torch.optim.LBFGS imported it).
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, torch, pyro, pyro.distributions as dist\n"
-        "from pyroflows import infer\n"
-        "def model(y):\n"
-        "    mu = pyro.sample('mu', dist.Normal(0.0, 10.0))\n"
-        "    with pyro.plate('data', len(y)):\n"
-        "        pyro.sample('y', dist.Normal(mu, 1.0), obs=y)\n"
-        "posterior = infer(model, torch.tensor([0.9, 1.4, 0.4]), seed=0, progress=False)\n"
-        "print(posterior.route.stages[-1].name, posterior.route.stages[-1].accepted)\n"
-        "print('torch._dynamo' in sys.modules)\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["laplace", "True", "False"], run.stdout
