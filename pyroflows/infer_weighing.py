@@ -3,7 +3,9 @@ its draws pass, weigh them, accept them or not, look for modes the guide misses,
 each check to the time left.
 
 ``ImportanceChecks`` is a mixin of ``infer``'s run, which supplies the model, guide and
-arguments, its clock (``left``, ``deadline``), and ``keep`` and ``posterior`` for answers.
+arguments, its clock (``left``, ``deadline``), what setup found (``vectorised``: whether the
+model broadcasts over draws; ``bad_data``: observed sites whose data are not finite),
+``progress``, and ``keep`` and ``posterior`` for answers.
 
 Example:
     >>> from pyroflows.infer_weighing import ACCEPT_KHAT, PROPOSALS
