@@ -108,19 +108,19 @@ def test_a_locals_check_whose_fresh_draws_fail_trains_on_instead_of_leaving_the_
 
     def first_judgement_fails(self, stage, **final):
         real_weigh(self, stage, **final)
-        judged.append((final.get("final", True), stage.accepted))
-        if len(judged) == 1:
-            stage.accepted = False  # as fresh draws reading k-hat above the bar would
+        if stage.name == "locals":
+            judged.append((final.get("final", True), stage.accepted))
+            if len(judged) == 1:
+                stage.accepted = False  # as fresh draws reading k-hat above the bar would
 
     monkeypatch.setattr(weighing.ImportanceChecks, "weigh", first_judgement_fails)
     posterior = infer(funnel, num_samples=1000, seed=0, progress=False)
     assert [s.name for s in posterior.route.stages] == ["laplace", "locals"]
     locals_stage = posterior.route.stages[-1]
     assert locals_stage.accepted and "(locals)" in posterior.label
-    step = weighing.LOCALS_CHECK_EVERY
-    assert f"accepted at step {2 * step}" in locals_stage.outcome, locals_stage.outcome
-    # the laplace stage's final weighing, then two judgements made during training
-    assert [final for final, _ in judged][-2:] == [False, False]
+    assert "accepted at step" in locals_stage.outcome, locals_stage.outcome
+    during = [accepted for final, accepted in judged if not final]  # judged while training
+    assert len(during) >= 2 and during[-1], judged  # the failed one, then training went on
 
 
 def test_a_given_guide_or_a_non_hierarchy_skips_the_locals_stage_and_says_why():
