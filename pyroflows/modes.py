@@ -44,7 +44,7 @@ from .sites import enumerated
 
 __all__ = ["Mode", "ModeCheck", "ModeSearch", "check_modes", "mixture_resample", "search_modes"]
 
-SEARCH_STARTS = 10  # half over-dispersed guide draws, half uniform on (-2, 2) as Stan starts
+SEARCH_STARTS = 10  # 4 over-dispersed guide draws, 2 guide draws reflected, 4 uniform
 OVERDISPERSION = 3.0  # the guide's draws spread this much about their mean, as starts
 MIN_MASS = 0.01  # a missed mode with under 1% of the mass the guide covers is ignored
 MIN_SHARE = 0.1  # every component of a mixture proposal draws at least this share
@@ -118,11 +118,13 @@ def search_modes(
     energy, guide_draws: Tensor, starts: int = SEARCH_STARTS, seed=None, seconds: float = math.inf
 ) -> ModeSearch:
     """Local searches for the modes of ``exp(-energy)`` (``energy`` over one unconstrained
-    vector, as ``AutoFlowGuide.energy`` returns) from ``starts`` over-dispersed points: half
-    are the guide's draws (rows of ``guide_draws``) spread ``OVERDISPERSION`` times about
-    their mean, half uniform on ``(-2, 2)`` in every coordinate (Stan's initialisation) in
-    antithetic pairs, taken in turn. No search starts after ``seconds``. Modes within 2
-    Laplace sds of one another count once."""
+    vector, as ``AutoFlowGuide.energy`` returns) from ``starts`` over-dispersed points of
+    three kinds, taken in turn: two fifths are the guide's draws (rows of ``guide_draws``)
+    spread ``OVERDISPERSION`` times about their mean; a fifth are such draws reflected
+    through the origin (``-u``: where a sign symmetry puts the mirror of the guide's mode);
+    the rest are uniform on ``(-2, 2)`` in every coordinate (Stan's initialisation), in
+    antithetic pairs. No search starts after ``seconds``. Modes within 2 Laplace sds of one
+    another count once."""
     began = time.perf_counter()
     generator = torch.Generator().manual_seed(0 if seed is None else seed)
     draws = guide_draws.detach()
@@ -130,13 +132,16 @@ def search_modes(
     if dim > LAPLACE_LIMIT:
         reason = f"{dim} latent dimensions (the search's limit is {LAPLACE_LIMIT})"
         return ModeSearch([], 0, 0, time.perf_counter() - began, [reason])
-    spread = starts // 2
+    spread = (2 * starts + 4) // 5
     picked = draws[torch.randint(len(draws), (spread,), generator=generator)]
     centre = draws.mean(0)
-    # in antithetic pairs (v, -v): sign symmetries, the commonest source of separate modes
-    # (label switching, a factor's sign), then cannot leave a half-space unsearched
-    half = 4 * torch.rand((starts - spread + 1) // 2, dim, generator=generator) - 2
-    uniform = torch.stack([half, -half], 1).reshape(-1, dim)[: starts - spread].to(draws)
+    # Sign symmetries are the commonest source of separate modes (a factor's sign, mirrored
+    # lobes): the guide's draws reflected land on the mirror mode when there is one, and
+    # uniform starts in antithetic pairs (v, -v) cannot leave a half-space unsearched.
+    reflected = -picked[: starts // 5]
+    num_uniform = starts - spread - len(reflected)
+    half = 4 * torch.rand((num_uniform + 1) // 2, dim, generator=generator) - 2
+    uniform = torch.stack([half, -half], 1).reshape(-1, dim)[:num_uniform].to(draws)
     # Searched in the guide's whitened coordinates (u = centre + L w): a badly conditioned
     # posterior (diamonds) then takes L-BFGS a few iterations, not its whole budget.
     whiten = _whitening(draws)
@@ -146,8 +151,9 @@ def search_modes(
 
     found, reasons, ran = [], [], 0
     spread_out = centre + OVERDISPERSION * (picked - centre)
-    in_turn = [x for pair in zip(spread_out, uniform, strict=False) for x in pair]
-    for start in in_turn + list(spread_out[len(uniform) :]) + list(uniform[len(spread_out) :]):
+    kinds = [list(spread_out), list(reflected), list(uniform)]
+    in_turn = [kind[i] for i in range(max(map(len, kinds))) for kind in kinds if i < len(kind)]
+    for start in in_turn:
         if time.perf_counter() - began > seconds:
             reasons.append(f"{starts - ran} searches not started: the time allowed")
             break
