@@ -38,6 +38,7 @@ import pyro
 import torch
 from torch import Tensor
 
+from .lbfgs import minimise
 from .psis import psis
 
 __all__ = [
@@ -190,24 +191,7 @@ def describe_error(error: BaseException) -> str:
 
 
 def _minimise(energy: Energy, u: Tensor) -> Tensor:
-    optimizer = torch.optim.LBFGS(
-        [u],
-        lr=1.0,
-        max_iter=150,
-        tolerance_grad=1e-9,
-        tolerance_change=1e-12,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        optimizer.zero_grad()
-        value = energy(u)
-        value.backward()
-        return value
-
-    optimizer.step(closure)
-    return u.detach()
+    return minimise(energy, u, max_iter=150, history_size=20)
 
 
 def newton_step(energy: Energy, u: Tensor):

@@ -186,7 +186,7 @@ def take_local_sites(prototype_trace, sites) -> dict[str, Tensor]:
 @contextmanager
 def sparse_gradients(local_latents):
     """Within this context the per-member parameters get sparse gradients (``fit``'s
-    default optimizer then updates only the touched rows, ``pyroflows.row_adam``)."""
+    default optimizer then updates only the touched rows, ``pyroflows.adam``)."""
     local_latents.sparse_gradients = True
     try:
         yield local_latents

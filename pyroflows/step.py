@@ -1,7 +1,7 @@
 """One guarded SVI step: parameters traced as ``SVI.step`` does, a NaN guard, the update.
 
-The update is one ``torch.optim.Adam`` over all parameters (fused kernels where torch has
-them) unless an ``optim=`` is given: Pyro's optimizers keep one optimizer per tensor. After
+The update is one ``pyroflows.adam.Adam`` over all parameters (torch's fused kernels where
+it has them) unless an ``optim=`` is given: Pyro's optimizers keep one optimizer per tensor. After
 the update, the parameters are checked too (and the update undone if one became non-finite)
 unless ``NormBound`` shows it cannot have overflowed. Before any update the loss and every
 gradient are checked; a non-finite one raises ``FitError`` naming the step and, where it can
@@ -18,10 +18,10 @@ import torch
 from pyro import poutine
 
 from . import distributed as dist_
+from .adam import Adam, RowAdam
 from .adapters import guide_model_wrapped
 from .draws import NOT_VECTORISED_HINT, is_shape_error
 from .progress import FitError
-from .row_adam import RowAdam
 
 __all__ = ["GuardedStep", "NormBound", "nonfinite_site"]
 
@@ -34,7 +34,7 @@ class GuardedStep:
         self.clip = clip
         self.distributed = distributed
         self.synced: set[int] = set()
-        self.torch_optim: torch.optim.Adam | None = None
+        self.torch_optim: Adam | None = None
         self.sparse_optim: RowAdam | None = None
         self.known: set[int] = set()
         self.adam_steps: dict[int, int] = {}  # Adam's step count of each dense parameter
@@ -137,7 +137,7 @@ class GuardedStep:
             dense = [p for p in fresh if not p.grad.is_sparse]
             sparse = [p for p in fresh if p.grad.is_sparse]
             if dense:
-                self.torch_optim = _add(self.torch_optim, dense, _adam)
+                self.torch_optim = _add(self.torch_optim, dense, Adam)
             if sparse:
                 self.sparse_optim = _add(self.sparse_optim, sparse, RowAdam)
         with_grad = [p for p in params if p.grad is not None and not p.grad.is_sparse]
@@ -249,16 +249,6 @@ def _add(optim, params, kind, **options):
         return kind(params, lr=1e-3, **options)  # the rate is set before every step
     optim.add_param_group({"params": params})
     return optim
-
-
-def _adam(params, lr):
-    """Adam with fused kernels, one pass over each tensor (at d = 1002 the default flow's
-    update took 1.1 ms where foreach took 8.7: ``benchmarks/RESULTS.md``), or with foreach
-    kernels where torch has no fused ones for these tensors (the same update)."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except RuntimeError:
-        return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
 def _rows(grad):

@@ -10,7 +10,7 @@ from pyro.infer import Predictive, Trace_ELBO
 from pyro.infer.autoguide import init_to_value
 
 from pyroflows import AutoFlowGuide, fit, infer, neutra, psis_diagnostic
-from pyroflows.row_adam import RowAdam
+from pyroflows.adam import RowAdam
 
 N = 40
 

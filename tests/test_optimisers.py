@@ -1,0 +1,139 @@
+"""pyroflows.adam and pyroflows.lbfgs: torch's arithmetic without torch.optim's classes."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pyroflows.adam import Adam
+from pyroflows.lbfgs import minimise
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fused", [True, False])
+def test_adam_takes_the_steps_torchs_adam_takes(dtype, fused):
+    torch.manual_seed(0)
+    shapes = [(3, 4), (5,), ()]
+    ours = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kind = {"fused": True} if fused else {"foreach": True}
+    reference = torch.optim.Adam(theirs, lr=0.03, **kind)
+    optim = Adam(ours, lr=0.03)
+    if not fused:  # parameters on a device without fused kernels take foreach's path
+        optim.fused_devices = ()
+    for step in range(25):
+        lr = 0.03 * 0.9**step  # fit changes the rate between steps
+        optim.param_groups[0]["lr"] = reference.param_groups[0]["lr"] = lr
+        target = torch.randn(4, dtype=dtype)
+        for params in (ours, theirs):
+            loss = sum((p.sin() * target.sum()).sum() for p in params) + sum(
+                (p**2).sum() for p in params
+            )
+            loss.backward()
+        optim.step()
+        reference.step()
+        for p in ours + theirs:
+            p.grad = None
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.detach(), b.detach())
+        assert not torch.equal(a.detach(), torch.zeros_like(a))
+
+
+def test_adam_skips_parameters_without_a_gradient_and_refuses_non_leaves():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    optim = Adam([a, b], lr=0.1)
+    (a**2).sum().backward()
+    optim.step()
+    assert torch.equal(b.detach(), torch.ones(2)) and b not in optim.state
+    assert torch.allclose(a.detach(), torch.full((2,), 0.9))
+    with pytest.raises(ValueError, match="floating-point leaves"):
+        Adam([a * 2], lr=0.1)
+
+
+def _torch_lbfgs(fn, x):
+    u = x.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [u], lr=1.0, max_iter=150, tolerance_grad=1e-9, tolerance_change=1e-12,
+        history_size=20, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure():
+        optimizer.zero_grad()
+        value = fn(u)
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    return u.detach()
+
+
+def rosenbrock(x):
+    return ((1 - x[:-1]) ** 2 + 100 * (x[1:] - x[:-1] ** 2) ** 2).sum()
+
+
+def ill_conditioned(x):
+    return (torch.logspace(0, 8, 8, dtype=x.dtype) * (x - 1) ** 2).sum()
+
+
+def correlated(x):
+    torch.manual_seed(1)
+    a = torch.randn(len(x), len(x), dtype=x.dtype)
+    return 0.5 * x @ (a @ a.T + 0.1 * torch.eye(len(x), dtype=x.dtype)) @ x - x.sum()
+
+
+@pytest.mark.parametrize(
+    "fn, start",
+    [
+        (rosenbrock, torch.full((10,), -1.0, dtype=torch.float64)),
+        (ill_conditioned, torch.zeros(8, dtype=torch.float64)),
+        (correlated, torch.zeros(30, dtype=torch.float64)),
+    ],
+)
+def test_lbfgs_reaches_torchs_minimum(fn, start):
+    ours, theirs = minimise(fn, start), _torch_lbfgs(fn, start)
+    assert float(fn(ours)) <= float(fn(theirs)) + 1e-10
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.equal(start, torch.full_like(start, float(start[0])))  # start not written
+
+
+def test_lbfgs_shortens_a_step_into_non_finite_values():
+    # -log(1 - x^2): finite only on (-1, 1); the first full step from 0.9 lands outside
+    def barrier(x):
+        return (-torch.log1p(-(x**2)) - 0.5 * x).sum()
+
+    start = torch.tensor([0.9, -0.95], dtype=torch.float64)
+    found = minimise(barrier, start)
+    # the minimum solves 2x / (1 - x^2) = 0.5: x = 2 - sqrt(5) + ... ~= 0.2426
+    expected = -2 + math.sqrt(5)
+    assert torch.isfinite(found).all()
+    assert torch.allclose(found, torch.full((2,), expected, dtype=torch.float64), atol=1e-6)
+
+
+def test_infer_and_fit_do_not_import_torch_dynamo():
+    # torch.optim's classes import torch._dynamo (~1 s) when first built; a Laplace-answered
+    # infer and a general-path fit must not, or every fresh process pays it.
+    code = textwrap.dedent(
+        """
+        import sys
+        import pyro, pyro.distributions as dist, torch
+        from pyroflows import AutoFlowGuide, fit, infer
+
+        def model(y):
+            mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+            with pyro.plate("data", len(y)):
+                pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+        y = torch.randn(20) + 3.0
+        posterior = infer(model, y, num_samples=200, seed=0, progress=False)
+        assert posterior.route.stages[0].accepted, posterior.route
+        fit(model, AutoFlowGuide(model), y, num_steps=20, progress=False, diagnose=False,
+            fast=False)
+        print("torch._dynamo" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
