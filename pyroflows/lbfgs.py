@@ -30,6 +30,7 @@ __all__ = ["minimise"]
 
 C1, C2 = 1e-4, 0.9  # the strong Wolfe conditions' constants (sufficient decrease, curvature)
 LINE_SEARCH_EVALS = 25
+LINE_TOLERANCE = 1e-9  # a bracket this short (in the step's largest element) ends the search
 
 
 def minimise(
@@ -55,8 +56,8 @@ def minimise(
         slope = float(g @ direction)
         if slope > -tolerance_change:  # no descent along it
             break
-        line = _LineSearch(fn, x, direction, f, slope)
-        trial = line.search(t, tolerance_change)
+        line = _LineSearch(fn, x, direction, f, g, slope)
+        trial = line.search(t)
         evals += line.evals
         step = trial.t * direction
         x = x + step
@@ -108,12 +109,12 @@ def _value_and_grad(fn, x: Tensor) -> tuple[float, Tensor]:
 
 
 class _LineSearch:
-    """Step lengths along ``direction`` from ``x`` (value ``f0``, slope ``slope0``) meeting
-    the strong Wolfe conditions (Nocedal & Wright, algorithms 3.5 and 3.6)."""
+    """Step lengths along ``direction`` from ``x`` (value ``f0``, gradient ``g0``, slope
+    ``slope0``) meeting the strong Wolfe conditions (Nocedal & Wright, algorithms 3.5-3.6)."""
 
-    def __init__(self, fn, x, direction, f0, slope0):
+    def __init__(self, fn, x, direction, f0, g0, slope0):
         self.fn, self.x, self.direction = fn, x, direction
-        self.start = _Trial(0.0, f0, None, slope0)
+        self.start = _Trial(0.0, f0, g0, slope0)
         self.evals = 0
 
     def at(self, length: float) -> _Trial:
@@ -133,7 +134,7 @@ class _LineSearch:
     def flat(self, trial: _Trial) -> bool:  # the strong curvature condition
         return abs(trial.slope) <= -C2 * self.start.slope
 
-    def search(self, t: float, tolerance: float) -> _Trial:
+    def search(self, t: float) -> _Trial:
         """A step meeting both conditions, or the best sufficient-decrease point found
         within ``LINE_SEARCH_EVALS`` evaluations (the start itself if none)."""
         previous, trial = self.start, self.at(t)
@@ -148,16 +149,23 @@ class _LineSearch:
                 break
             bounds = (trial.t + 0.01 * (trial.t - previous.t), 10 * trial.t)
             previous, trial = trial, self.at(_cubic_minimum(previous, trial, *bounds))
-        return self.zoom(low, high, tolerance)
+        return self.zoom(low, high)
 
-    def zoom(self, low: _Trial, high: _Trial, tolerance: float) -> _Trial:
+    def zoom(self, low: _Trial, high: _Trial) -> _Trial:
         """Shrink ``[low, high]``: ``low`` has sufficient decrease and the lowest value."""
         scale = float(self.direction.abs().max())
-        while self.evals < LINE_SEARCH_EVALS and abs(high.t - low.t) * scale >= tolerance:
+        hugged = False  # whether the last trial sat within a tenth of the bracket's end
+        while self.evals < LINE_SEARCH_EVALS and abs(high.t - low.t) * scale >= LINE_TOLERANCE:
             lo, hi = sorted((low.t, high.t))
-            length = _cubic_minimum(low, high, lo, hi)
-            if not lo + 0.1 * (hi - lo) <= length <= hi - 0.1 * (hi - lo):
-                length = 0.5 * (lo + hi)  # an interpolant that hugs an end: bisect
+            length, margin = _cubic_minimum(low, high, lo, hi), 0.1 * (hi - lo)
+            # An interpolant's minimum may hug an end of the bracket once (near a minimum
+            # it rightly does: the bracket then collapses); twice running, or at the end
+            # itself, the trial moves a tenth of the bracket inwards.
+            near_end = min(hi - length, length - lo) < margin
+            if near_end and (hugged or length in (lo, hi)):
+                length = hi - margin if hi - length < length - lo else lo + margin
+                near_end = False
+            hugged = near_end
             trial = self.at(length)
             if self.too_long(trial, low):
                 high = trial
@@ -167,11 +175,7 @@ class _LineSearch:
             if trial.slope * (high.t - low.t) >= 0:
                 high = low
             low = trial
-        if low.grad is None:  # no step improved on the start: stay there
-            self.evals += 1
-            _, grad = _value_and_grad(self.fn, self.x)
-            return _Trial(0.0, self.start.value, grad, self.start.slope)
-        return low
+        return low  # (the start itself where no step improved on it)
 
 
 def _cubic_minimum(a: _Trial, b: _Trial, lo: float, hi: float) -> float:
