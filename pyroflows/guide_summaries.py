@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from .sites import unpack_with_log_det
+from .sites import unpack_latent, unpack_with_log_det
 
 __all__ = ["GuideSummaries"]
 
@@ -53,6 +53,10 @@ class GuideSummaries:
         shapes = self._unconstrained_shapes
         values, jacobian = unpack_with_log_det(self.prototype_trace, shapes, latent)
         return (values, jacobian) if log_det else values
+
+    def _unpack_latent(self, latent: Tensor):
+        # Pyro's, but without torch.broadcast_shapes (``sites.unpack_latent`` says why)
+        return unpack_latent(self.prototype_trace, self._unconstrained_shapes, latent)
 
     def centre(self) -> dict:
         """Each latent site's value where the flow maps its base's centre (zero): for an

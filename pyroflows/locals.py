@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions.util import sum_rightmost
+from pyro.distributions.util import broadcast_shape, sum_rightmost
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
@@ -227,7 +227,7 @@ class PriorNet(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, g: Tensor, g_std: Tensor, loc: Tensor, scale: Tensor):
-        shape = torch.broadcast_shapes(g_std.shape[:-1], loc.shape)
+        shape = broadcast_shape(tuple(g_std.shape[:-1]), tuple(loc.shape))  # (no sympy)
         features = torch.cat(
             [
                 g_std.expand(shape + g_std.shape[-1:]),
@@ -316,7 +316,7 @@ class LocalLatents(nn.Module):
         broadcast with ``shape`` (several draws per member), and their elementwise log
         densities."""
         mean, sd = self.conditional(k, g, g_std, indices, prior)
-        shape = torch.broadcast_shapes(tuple(shape), mean.shape)
+        shape = broadcast_shape(tuple(shape), tuple(mean.shape))
         eps = torch.randn(shape, dtype=mean.dtype, device=mean.device)
         return mean + sd * eps, -0.5 * eps.square() - HALF_LOG_2PI - sd.log()
 

@@ -17,7 +17,7 @@ from pyro.infer import (
     TraceEnum_ELBO,
     config_enumerate,
 )
-from pyro.infer.autoguide import AutoGuideList, AutoNormal
+from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal
 
 import pyroflows.laplace
 from pyroflows import AutoFlowGuide, init_to_median
@@ -510,3 +510,25 @@ def test_the_start_comparison_keeps_a_close_median_and_leaves_the_flows_weights_
     pairs = zip(default.named_parameters(), median.named_parameters(), strict=True)
     for (name, a), (_, b) in pairs:
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("batch", [(), (7, 1, 1), (2, 3, 1, 1)])  # left of the plates
+def test_unpack_latent_yields_what_pyros_does(batch):
+    # pyroflows.sites.unpack_latent replaces Pyro's (which calls torch.broadcast_shapes,
+    # importing sympy); every site's value, shape and order must be Pyro's
+    def model():
+        pyro.sample("scalar", dist.Normal(0.0, 1.0))
+        pyro.sample("matrix", dist.Normal(torch.zeros(2, 3), 1.0).to_event(2))
+        pyro.sample("simplex", dist.Dirichlet(torch.ones(4)))
+        with pyro.plate("rows", 5, dim=-2), pyro.plate("cols", 2, dim=-1):
+            pyro.sample("grid", dist.HalfNormal(1.0))
+
+    guide = AutoFlowGuide(model, **SMALL).setup()
+    latent = torch.randn(*batch, guide.latent_dim)
+    ours = list(guide._unpack_latent(latent))
+    pyros = list(AutoContinuous._unpack_latent(guide, latent))
+    assert [site["name"] for site, _ in ours] == [site["name"] for site, _ in pyros]
+    for (_, a), (_, b) in zip(ours, pyros, strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
+    with pytest.raises(ValueError, match="latent vector"):
+        list(guide._unpack_latent(torch.randn(guide.latent_dim + 1)))

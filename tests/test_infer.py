@@ -1,6 +1,9 @@
 """``pyroflows.infer``: the route from a Laplace start to exact MCMC, and its promises."""
 
 import math
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pyro
@@ -327,3 +330,31 @@ def test_a_flow_with_too_few_finite_chain_starts_skips_neutra_saying_why():
     (stage,) = posterior.route.stages
     assert stage.outcome.startswith("not run") and "not finite" in stage.outcome
     assert bool((posterior.samples["x"] <= -2.0).all())
+
+
+def test_infer_and_fit_import_neither_torch_dynamo_nor_sympy():
+    # torch.optim's classes import torch._dynamo (~1 s) when first built, and the first
+    # torch.broadcast_shapes imports sympy (~0.5 s); a Laplace-answered infer and a
+    # general-path fit need neither, so a fresh process must not pay for them.
+    code = textwrap.dedent(
+        """
+        import sys
+        import pyro, pyro.distributions as dist, torch
+        from pyroflows import AutoFlowGuide, fit, infer
+
+        def model(y):
+            mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+            with pyro.plate("data", len(y)):
+                pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+        y = torch.randn(20) + 3.0
+        posterior = infer(model, y, num_samples=200, seed=0, progress=False)
+        assert posterior.route.stages[0].accepted, posterior.route
+        fit(model, AutoFlowGuide(model), y, num_steps=20, progress=False, diagnose=False,
+            fast=False)
+        print("torch._dynamo" in sys.modules, "sympy" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False False"

@@ -1,9 +1,6 @@
 """pyroflows.adam and pyroflows.lbfgs: torch's arithmetic without torch.optim's classes."""
 
 import math
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -139,30 +136,3 @@ def test_lbfgs_shortens_a_step_into_non_finite_values():
     expected = -2 + math.sqrt(5)
     assert torch.isfinite(found).all()
     assert torch.allclose(found, torch.full((2,), expected, dtype=torch.float64), atol=1e-6)
-
-
-def test_infer_and_fit_do_not_import_torch_dynamo():
-    # torch.optim's classes import torch._dynamo (~1 s) when first built; a Laplace-answered
-    # infer and a general-path fit must not, or every fresh process pays it.
-    code = textwrap.dedent(
-        """
-        import sys
-        import pyro, pyro.distributions as dist, torch
-        from pyroflows import AutoFlowGuide, fit, infer
-
-        def model(y):
-            mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-            with pyro.plate("data", len(y)):
-                pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
-
-        y = torch.randn(20) + 3.0
-        posterior = infer(model, y, num_samples=200, seed=0, progress=False)
-        assert posterior.route.stages[0].accepted, posterior.route
-        fit(model, AutoFlowGuide(model), y, num_steps=20, progress=False, diagnose=False,
-            fast=False)
-        print("torch._dynamo" in sys.modules)
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "False"
