@@ -155,9 +155,7 @@ def descend(energy: Energy, init: Tensor) -> Tensor | str:
     try:
         with torch.enable_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a search towards no mode warns of NaN
-            # A copy: in float64, .double() would be init itself, and L-BFGS writes in place.
-            start = init.detach().to(_search_dtype(energy, init), copy=True)
-            point = _minimise(energy, start.requires_grad_(True))
+            point = minimise(energy, init.detach().to(_search_dtype(energy, init)))
     except (RuntimeError, ValueError, NotImplementedError, IndexError) as error:
         return f"the search failed: {describe_error(error)}"
     if not torch.isfinite(point).all():
@@ -188,10 +186,6 @@ def describe_error(error: BaseException) -> str:
             break
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {first}{where}"
-
-
-def _minimise(energy: Energy, u: Tensor) -> Tensor:
-    return minimise(energy, u, max_iter=150, history_size=20)
 
 
 def newton_step(energy: Energy, u: Tensor):

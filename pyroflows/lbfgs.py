@@ -50,7 +50,7 @@ def minimise(
     evals, max_evals = 1, max_iter * 5 // 4
     if not math.isfinite(f) or float(g.abs().max()) <= tolerance_grad:
         return x
-    steps, changes, rhos = [], [], []  # the last history_size pairs (s, y) and 1 / y's
+    steps, changes, rhos = [], [], []  # the last history_size pairs (s, y) and 1 / (s'y)
     direction, t = -g, min(1.0, 1.0 / float(g.abs().sum()))
     for _ in range(max_iter):
         slope = float(g @ direction)
