@@ -140,9 +140,9 @@ def find_mode(energy: Energy, init: Tensor) -> tuple[Tensor, Tensor] | str:
             if not decrement < 1e-2:
                 return f"no mode found (Newton decrement {decrement:.3g})"
             precond = torch.linalg.cholesky(torch.cholesky_inverse(chol_h))
-    # not PD, no density, or (IndexError) torch's strong-Wolfe search indexing past its
-    # bracket on a NaN energy
-    except (RuntimeError, ValueError, NotImplementedError, IndexError) as error:
+    except torch.linalg.LinAlgError:  # (torch names its class _LinAlgError: no use to a user)
+        return "the search ended where the Hessian is not positive definite (a saddle or a ridge)"
+    except (RuntimeError, ValueError, NotImplementedError, IndexError) as error:  # no density
         return f"the search failed: {describe_error(error)}"
     if not torch.isfinite(precond).all():
         return "the Hessian at the mode is singular"

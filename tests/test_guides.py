@@ -22,6 +22,7 @@ from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal
 import pyroflows.laplace
 from pyroflows import AutoFlowGuide, init_to_median
 from pyroflows.draws import draw
+from pyroflows.laplace import find_mode
 
 SMALL = {"hidden_dims": [16], "num_layers": 2}
 
@@ -532,3 +533,14 @@ def test_unpack_latent_yields_what_pyros_does(batch):
         assert a.shape == b.shape and torch.equal(a, b)
     with pytest.raises(ValueError, match="latent vector"):
         list(guide._unpack_latent(torch.randn(guide.latent_dim + 1)))
+
+
+def test_a_search_that_ends_at_a_saddle_says_so_in_words():
+    # L-BFGS from (0.5, 0) never leaves the line u1 = 0 (the gradient there has no u1 part)
+    # and ends at the saddle (0, 0); the message named torch's private _LinAlgError before
+    def saddle(u):
+        return u[0] ** 2 - u[1] ** 2 + 0.25 * u[1] ** 4
+
+    why = find_mode(saddle, torch.tensor([0.5, 0.0], dtype=torch.float64))
+    assert isinstance(why, str)
+    assert "not positive definite" in why and "_LinAlgError" not in why
