@@ -1,9 +1,10 @@
 """One guarded SVI step: parameters traced as ``SVI.step`` does, a NaN guard, the update.
 
-The update is one ``pyroflows.adam.Adam`` over all parameters (torch's fused kernels where
-it has them) unless an ``optim=`` is given: Pyro's optimizers keep one optimizer per tensor. After
-the update, the parameters are checked too (and the update undone if one became non-finite)
-unless ``NormBound`` shows it cannot have overflowed. Before any update the loss and every
+The update is one ``pyroflows.adam.Adam`` over all dense parameters (torch's fused kernels
+where it has them; ``RowAdam`` for per-member rows) unless an ``optim=`` is given: Pyro's
+optimizers keep one optimizer per tensor. After the update, the parameters are checked too
+(and the update undone if one became non-finite) unless ``NormBound`` shows it cannot have
+overflowed. Before any update the loss and every
 gradient are checked; a non-finite one raises ``FitError`` naming the step and, where it can
 be found, the site or parameter, and nothing is updated. The gradients come from Pyro
 (``SVI.step``'s way) or from ``fit``'s compiled step (``pyroflows.compiled``).
@@ -34,7 +35,7 @@ class GuardedStep:
         self.clip = clip
         self.distributed = distributed
         self.synced: set[int] = set()
-        self.torch_optim: Adam | None = None
+        self.dense_optim: Adam | None = None
         self.sparse_optim: RowAdam | None = None
         self.known: set[int] = set()
         self.adam_steps: dict[int, int] = {}  # Adam's step count of each dense parameter
@@ -137,16 +138,16 @@ class GuardedStep:
             dense = [p for p in fresh if not p.grad.is_sparse]
             sparse = [p for p in fresh if p.grad.is_sparse]
             if dense:
-                self.torch_optim = _add(self.torch_optim, dense, Adam)
+                self.dense_optim = _add(self.dense_optim, dense, Adam)
             if sparse:
                 self.sparse_optim = _add(self.sparse_optim, sparse, RowAdam)
         with_grad = [p for p in params if p.grad is not None and not p.grad.is_sparse]
         if self.clip is not None and with_grad:
             steps = [self.adam_steps.get(id(p), 0) for p in with_grad]  # host-side: no sync
-            _clip_dense(with_grad, steps, self.torch_optim, self.clip)
+            _clip_dense(with_grad, steps, self.dense_optim, self.clip)
         for p in with_grad:
             self.adam_steps[id(p)] = self.adam_steps.get(id(p), 0) + 1
-        for optim in (self.torch_optim, self.sparse_optim):
+        for optim in (self.dense_optim, self.sparse_optim):
             if optim is None:
                 continue
             for group in optim.param_groups:

@@ -581,18 +581,18 @@ def test_the_clip_follows_the_gradients_scale_and_still_stops_an_outlier():
     steady = torch.tensor([300.0, -200.0])
     given = _given_gradients(p, lambda _: steady.clone())
     def given_to_adam(step):  # the gradient Adam was given, read back from its moment
-        before = update.torch_optim.state[p]["exp_avg_sq"].clone()
+        before = update.dense_optim.state[p]["exp_avg_sq"].clone()
         update.step(None, None, None, (), {}, 0.1, step, compiled=given)
-        after = update.torch_optim.state[p]["exp_avg_sq"]
+        after = update.dense_optim.state[p]["exp_avg_sq"]
         return ((after - 0.999 * before) / 0.001).sqrt()
 
     update.step(None, None, None, (), {}, 0.1, 1, compiled=given)
-    first = update.torch_optim.state[p]["exp_avg_sq"]
+    first = update.dense_optim.state[p]["exp_avg_sq"]
     torch.testing.assert_close(first, torch.full((2,), 0.001 * 10.0**2))  # clipped at 10
     for step in range(2, 20):
         passed = given_to_adam(step)
     torch.testing.assert_close(passed, steady.abs(), rtol=1e-3, atol=0)  # now unclipped
-    seen = update.torch_optim.state[p]["exp_avg_sq"].clone()
+    seen = update.dense_optim.state[p]["exp_avg_sq"].clone()
     bound = OUTLIER * (seen / (1 - 0.999**19)).sqrt()
     spike = torch.tensor([1e6, 250.0])
     given = _given_gradients(p, lambda _: spike.clone())
