@@ -313,6 +313,7 @@ class AutoFlowGuide(
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
             self._create_plates(*args, **kwargs)  # as a first call would: NeuTra needs them
+            self.__dict__.pop("_minibatches", None)  # (not a step: the first starts an epoch)
         return self
 
     def _laplace_start(self, init_loc: Tensor, args, kwargs) -> LaplaceStart:

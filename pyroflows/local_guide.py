@@ -23,7 +23,7 @@ from torch.distributions import biject_to
 
 from .model_prior import draw_members, run_to_locals, start_all_members
 from .sites import arguments_signature, check_plate_sizes
-from .subsampling import check_subsampling, guide_plates, member_chunks
+from .subsampling import Reshuffled, check_subsampling, guide_plates, member_chunks
 
 __all__ = ["LocalLatentsGuide"]
 
@@ -66,10 +66,12 @@ class LocalLatentsGuide:
 
     def _create_plates(self, *args, **kwargs):
         # As Pyro's, but a local plate's subsample size follows the model's for these
-        # arguments (a last smaller batch, or all members for Predictive).
+        # arguments (a last smaller batch, or all members for Predictive), and its members
+        # are dealt in epochs (random reshuffling), not drawn afresh every step.
         sizes = self.__dict__.get("_plate_sizes", {}).get(arguments_signature(args, kwargs), {})
         user = self.create_plates(*args, **kwargs) if self.create_plates else ()
-        self.plates = guide_plates(user, self._prototype_frames, sizes)
+        deal = self.__dict__.setdefault("_minibatches", Reshuffled())
+        self.plates = guide_plates(user, self._prototype_frames, sizes, deal)
         return self.plates
 
     def _check_plate_sizes(self, args, kwargs):

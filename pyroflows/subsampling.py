@@ -1,5 +1,5 @@
 """Subsampled plates, as the guide meets them: the model's indices and sizes per call, the
-guide's own plates, and cheap minibatch indices.
+guide's own plates, and their minibatch indices (random reshuffling).
 
 ``AutoFlowGuide`` follows Pyro's subsampling semantics (``AutoNormal``'s): the model's
 ``subsample_size``, guide-side plates through ``create_plates=``, a subsample size that may
@@ -24,6 +24,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 __all__ = [
+    "Reshuffled",
     "SubsampledModel",
     "check_subsampling",
     "explicit_subsamples",
@@ -31,7 +32,6 @@ __all__ = [
     "member_chunks",
     "plate_sizes",
     "refuse_subsampled",
-    "subsample_indices",
     "subsampled_plate",
     "trace_at_guide_draw",
 ]
@@ -81,17 +81,17 @@ def check_subsampling(model, sites, args, kwargs, has_guide_plates: bool) -> dic
     return {plate: size for plate, (_, size) in sizes.items()}
 
 
-def guide_plates(given, frames: dict, sizes: dict) -> dict:
+def guide_plates(given, frames: dict, sizes: dict, deal: Reshuffled) -> dict:
     """The guide's plates: ``given`` (what ``create_plates`` returned: a plate, a list, or
     nothing), and for every other plate of the model (``frames``, by name) a plate of the
-    model's full size, subsampled to ``sizes[name]`` (default: the frame's size)."""
+    model's full size, subsampled to ``sizes[name]`` (default: the frame's size) by ``deal``."""
     given = [given] if isinstance(given, pyro.plate) else list(given)
     plates = {plate.name: plate for plate in given}
     for name, frame in sorted(frames.items()):
         if name not in plates:
             full = frame.full_size or frame.size
             size = sizes.get(name, frame.size)
-            index = subsample_indices(full, size) if size < full else None
+            index = deal(name, full, size) if size < full else None
             plates[name] = pyro.plate(
                 name, full, dim=frame.dim, subsample_size=size, subsample=index
             )
@@ -105,18 +105,35 @@ def member_chunks(size: int, subsample_size: int, device=None) -> list[Tensor]:
     return [torch.arange(a, a + subsample_size, device=device) for a in starts]
 
 
-def subsample_indices(size: int, subsample_size: int) -> Tensor:
-    """``subsample_size`` distinct indices of ``range(size)``, uniformly, in O(subsample
-    size) where it is a small fraction (Pyro's plate draws a whole ``randperm(size)``: 13 ms
-    a step at a million members, ``benchmarks/RESULTS.md``, "Local latents")."""
-    if subsample_size * 4 > size:
-        return torch.randperm(size)[:subsample_size]
-    picked = torch.empty(0, dtype=torch.long)
-    while len(picked) < subsample_size:  # draw with replacement, keep the distinct ones
-        more = torch.randint(size, (subsample_size + subsample_size // 8 + 8,))
-        picked = torch.cat([picked, more]).unique()
-    # unique() sorts: a random subset of the distinct draws, in random order
-    return picked[torch.randperm(len(picked))[:subsample_size]]
+class Reshuffled:
+    """Minibatch indices by random reshuffling: each plate's members in a fresh random order
+    every epoch, dealt out a subsample at a time, so that an epoch visits every member once.
+
+    Each step's subsample is still a uniform random subset (a slice of a uniform permutation:
+    the ELBO stays unbiased), but over an epoch the minibatches' errors cancel, where
+    independent draws (Pyro's plate) leave them to average out as ``1/sqrt(steps)``. On a
+    1,000-group hierarchy with subsamples of 100, the global mean's error after ``fit`` fell
+    from 0.01-0.22 to 0.04-0.06 posterior sds (``benchmarks/results/design.md``, "Random
+    reshuffling"). A permutation costs O(members) once an epoch (13 ms at a million), O(the
+    subsample) a step on average; members left over at an epoch's end wait for the next.
+
+    Example:
+        >>> deal = Reshuffled()
+        >>> epoch = torch.cat([deal("data", 10, 5), deal("data", 10, 5)])
+        >>> sorted(epoch.tolist()) == list(range(10))
+        True
+    """
+
+    def __init__(self):
+        self.orders: dict[str, tuple[Tensor, int]] = {}
+
+    def __call__(self, plate: str, size: int, subsample_size: int) -> Tensor:
+        order, used = self.orders.get(plate, (None, 0))
+        if order is None or len(order) != size or used + subsample_size > size:
+            # int32 halves the permutation's memory (4 MB at a million members)
+            order, used = torch.randperm(size, dtype=torch.int32), 0
+        self.orders[plate] = (order, used + subsample_size)
+        return order[used : used + subsample_size].long()
 
 
 def plate_sizes(trace) -> dict[str, tuple[int, int]]:

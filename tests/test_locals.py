@@ -11,6 +11,7 @@ from pyro.infer.autoguide import init_to_value
 
 from pyroflows import AutoFlowGuide, fit, infer, neutra, psis_diagnostic
 from pyroflows.adam import RowAdam
+from pyroflows.subsampling import Reshuffled
 
 N = 40
 
@@ -105,7 +106,11 @@ def test_members_outside_the_minibatch_do_not_move_and_those_inside_do():
 def test_the_subsampled_elbo_is_unbiased_for_the_full_data_elbo():
     pyro.set_rng_seed(0)
     sigma, y = data()
-    guide = AutoFlowGuide(hierarchical, init_scale=0.3, local_prior="learned").setup(sigma, y, 8)
+    # the same 8 members at every call (the guide's own subsamples follow its epochs, so
+    # reseeding alone would not repeat a minibatch)
+    same = lambda *args: pyro.plate("groups", N, subsample=torch.arange(8))  # noqa: E731
+    guide = AutoFlowGuide(hierarchical, init_scale=0.3, local_prior="learned", create_plates=same)
+    guide.setup(sigma, y, 8)
     with torch.no_grad():  # a trained-like guide: the networks not at zero
         for p in guide.locals.nets.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -331,17 +336,25 @@ def test_a_local_whose_support_moves_with_a_global_is_refused():
         AutoFlowGuide(model).setup()
 
 
-def test_the_guides_subsample_indices_are_distinct_and_uniform():
-    from pyroflows.subsampling import subsample_indices
-
-    counts = torch.zeros(60)
-    for _ in range(6000):
-        index = subsample_indices(60, 6)
-        assert len(index.unique()) == 6
-        counts[index] += 1
-    expected = 6000 * 6 / 60  # each member in a draw with probability 1/10
-    assert (counts - expected).abs().max() < 5 * (expected * 0.9) ** 0.5
-    assert len(subsample_indices(10**6, 1000).unique()) == 1000
+def test_the_guides_subsamples_deal_every_member_once_an_epoch_and_uniformly():
+    # Random reshuffling: N / 10 = 4 steps of 10 visit each of the 40 members exactly once
+    # (independent draws, Pyro's plate, repeat some and miss others); the first step's
+    # members are still a uniform random subset.
+    sigma, y = data()
+    guide = AutoFlowGuide(hierarchical).setup(sigma, y, 10)
+    counts = torch.zeros(N)
+    for _ in range(300):
+        epoch = []
+        for _ in range(N // 10):
+            trace = pyro.poutine.trace(guide).get_trace(sigma, y, 10)
+            epoch.append(trace.nodes["groups"]["value"])
+        assert sorted(torch.cat(epoch).tolist()) == list(range(N))
+        counts[epoch[0]] += 1
+    expected = 300 * 10 / N
+    assert (counts - expected).abs().max() < 5 * (expected * 0.75) ** 0.5
+    deal = Reshuffled()  # a million members: one permutation an epoch, int32
+    assert len(deal("groups", 10**6, 1000).unique()) == 1000
+    assert deal.orders["groups"][0].dtype == torch.int32
 
 
 def test_infer_on_a_subsampled_model_returns_guide_draws_of_every_member_and_says_why():
@@ -371,7 +384,11 @@ def test_the_member_bound_is_the_elbo_at_one_draw_and_exact_with_the_exact_condi
     from pyroflows.objectives import MemberImportanceELBO
 
     sigma, y = data()
-    guide = AutoFlowGuide(hierarchical, init_scale=0.3, local_prior="learned").setup(sigma, y, 8)
+    # the same 8 members at every call (the guide's own subsamples follow its epochs, so
+    # reseeding alone would not repeat a minibatch)
+    same = lambda *args: pyro.plate("groups", N, subsample=torch.arange(8))  # noqa: E731
+    guide = AutoFlowGuide(hierarchical, init_scale=0.3, local_prior="learned", create_plates=same)
+    guide.setup(sigma, y, 8)
     with torch.no_grad():  # a trained-like guide: the networks not at zero
         for p in guide.locals.nets.parameters():
             p.add_(0.3 * torch.randn_like(p))
