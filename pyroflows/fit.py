@@ -22,22 +22,20 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.optim import PyroOptim
 
 from . import distributed as dist_
-from .averaging import tail_average
 from .calls import model_keywords
 from .compiled import Disagreement, compile_step
 from .diagnostics import psis_diagnostic
 from .guides import AutoFlowGuide
 from .locals import sparse_gradients
-from .objectives import FlowELBO, ImportanceWeightedELBO, MemberImportanceELBO
+from .minibatch import MINIBATCH_PARTICLES, minibatch_window, minibatched, tail_average
+from .objectives import for_local_latents, objective
 from .progress import FitError, Progress, check_setting
 from .schedule import Schedule
-from .scoring import check_stopped_scoring, scoring
-from .step import GuardedStep
+from .scoring import scoring
+from .step import GuardedStep, NotBroadcast
 from .subsampling import SubsampledModel
 
 __all__ = ["FitError", "FitResult", "FitState", "fit"]
-
-LOSSES = ("elbo", "stl", "iwae", "dreg")
 
 
 @dataclass
@@ -126,7 +124,7 @@ def fit(
     optim: PyroOptim | None = None,
     lr: float = 1e-2,
     loss: str | ELBO = "elbo",
-    num_particles: int = 1,
+    num_particles: int | None = None,
     progress: bool | str = True,
     seed: int | None = None,
     callbacks: Sequence[Callable[[FitState], bool | None]] = (),
@@ -164,7 +162,9 @@ def fit(
             gradients, see ``ImportanceWeightedELBO``), or any Pyro
             ``ELBO`` instance (e.g. ``TraceEnum_ELBO(max_plate_nesting=1)``).
         num_particles: draws per step for the named losses (vectorised over a leading plate
-            when more than one).
+            when more than one). Default: 1, or 8 with ``"elbo"``/``"stl"`` where the guide
+            has local latents in a subsampled plate (``pyroflows.minibatch``; one, with a
+            warning, if the model does not broadcast over them).
         progress: ``True``: a tqdm bar on an interactive stderr, else a compact line every
             tenth of ``num_steps``; ``"bar"`` or ``"log"`` to force one; ``False``: silent.
         seed: seeds Pyro's random state first, for a reproducible run.
@@ -175,8 +175,9 @@ def fit(
         warmup: steps of linear learning-rate warm-up (default optimizer only).
         window, patience, decay_factor, num_decays: the plateau rule (``pyroflows.schedule``);
             ``window`` defaults to ``clamp(num_steps // 40, 100, 250)``. On a model with a
-            subsampled plate, the run ends at the mean of the guide's global parameters over
-            the rule's final phase (``pyroflows.averaging``: minibatch noise averaged out).
+            subsampled plate (``pyroflows.minibatch``) it defaults to
+            ``clamp(num_steps // 12, 100, 500)``, and the run ends at the mean of the guide's
+            global parameters over its last two learning rates (minibatch noise averaged out).
         clip: the default optimizer's least elementwise gradient clip: each element is
             clamped at ``clip`` or at 5 times its running root mean square (Adam's second
             moment; one bound per tensor for tensors above 4,096 elements), whichever is
@@ -218,13 +219,12 @@ def fit(
     kwargs = model_keywords(fit, model, kwargs, model_kwargs)
     check_setting("fit", "num_steps", num_steps, integer=True)
     check_setting("fit", "lr", lr)
-    window = window or min(max(num_steps // 40, 100), 250)
     schedule = Schedule(
         schedule,
         lr,
         num_steps,
         warmup=warmup,
-        window=window,
+        window=window or min(max(num_steps // 40, 100), 250),
         patience=patience,
         decay_factor=decay_factor,
         num_decays=num_decays,
@@ -232,7 +232,7 @@ def fit(
     )
     if seed is not None:
         pyro.set_rng_seed(seed)
-    elbo, stl = _objective(loss, num_particles, guide)
+    elbo, stl = objective(loss, 1 if num_particles is None else num_particles, guide)
     if distributed:
         dist_.init()
         model = dist_.ScaleObserved(dist_.world_size())(model)
@@ -244,13 +244,16 @@ def fit(
         update.setup_guide(guide, args, kwargs)
     report = Progress(progress, num_steps)
     setup_time = 0.0 if distributed else _set_up(guide, args, kwargs, report)
-    elbo = _for_local_latents(elbo, loss, guide, report)
-    sparse = _sparse_rows(guide, optim, distributed)
-    average = tail_average(guide)  # (a subsampled model's last phase: pyroflows.averaging)
+    chosen = _for_minibatches(guide, loss, num_particles, window, num_steps, schedule, report)
+    more_particles = chosen is not None
+    elbo, stl = chosen or (elbo, stl)
+    average = tail_average(guide)
     losses: list[float] = []
     lr_history: list[float] = []
     reason = None
     try:
+        elbo = for_local_latents(elbo, loss, guide)
+        sparse = _sparse_rows(guide, optim, distributed)
         stopped = scoring(guide, stopped=True) if stl else nullcontext()
         with stopped, sparse_gradients(guide.locals) if sparse else nullcontext():
             compiled, path = _compile(fast, distributed, elbo, model, guide, args, kwargs, report)
@@ -262,6 +265,9 @@ def fit(
                     value = update.step(
                         elbo, model, guide, args, kwargs, current_lr, step, compiled
                     )
+                except NotBroadcast as error:
+                    elbo = _one_particle(error, loss, guide, more_particles and step == 1)
+                    value = update.step(elbo, model, guide, args, kwargs, current_lr, step)
                 except Disagreement as error:
                     compiled, path = None, f"general from step {step}: {error}"
                     warnings.warn(
@@ -274,7 +280,7 @@ def fit(
                 losses.append(value)
                 lr_history.append(current_lr)
                 stop = schedule.record(value)
-                average.record(schedule.final_phase)
+                average.record(schedule.decays or None)  # each phase after a reduction
                 report.update(step, schedule.smoothed)
                 state = FitState(step, value, schedule.smoothed, current_lr, guide)
                 if any(callback(state) for callback in callbacks):
@@ -329,20 +335,34 @@ def _sparse_rows(guide, optim, distributed) -> bool:
     return optim is None and not distributed
 
 
-def _for_local_latents(elbo, loss, guide, report):
-    """A guide with local latents (known once it is set up) takes the importance-weighted
-    bound member by member; DReG, which needs whole draws' inverse passes, is refused."""
-    if getattr(guide, "locals", None) is None or not isinstance(elbo, ImportanceWeightedELBO):
-        return elbo
-    if elbo.dreg:
-        report.close()
-        raise ValueError(
-            f"fit: loss={loss!r} weighs whole draws of the guide, and this guide has local "
-            f"latents ({', '.join(guide.local_sites)}), drawn per member outside the flow; "
-            "use loss='iwae' (the bound member by member: MemberImportanceELBO), "
-            "'elbo' or 'stl'"
-        )
-    return MemberImportanceELBO(elbo.num_particles)
+def _for_minibatches(guide, loss, num_particles, window, num_steps, schedule, report):
+    """A subsampled model's settings, measured for minibatches (``pyroflows.minibatch``):
+    longer plateau windows, and the objective with more particles where ``fit`` chooses
+    their number (``None`` otherwise)."""
+    if not minibatched(guide):
+        return None
+    if window is None:
+        schedule.use_window(minibatch_window(num_steps))
+    more = num_particles is None and loss in ("elbo", "stl")
+    report.note(
+        f"a subsampled model: {MINIBATCH_PARTICLES if more else num_particles or 1} draws a "
+        f"step, windows of {schedule.plateau.window} steps, the last two rates averaged"
+    )
+    return objective(loss, MINIBATCH_PARTICLES, guide) if more else None
+
+
+def _one_particle(error, loss, guide, chosen_by_fit: bool):
+    """The objective with one particle, where ``fit`` chose more and the model does not
+    broadcast over them (said in a warning); otherwise ``error`` stands."""
+    if not chosen_by_fit:
+        raise error
+    warnings.warn(
+        f"{error}; fit draws one a step instead of {MINIBATCH_PARTICLES}, its default on a "
+        "subsampled model, where one leaves the global scales less accurate "
+        "(pyroflows.minibatch)",
+        stacklevel=4,
+    )
+    return objective(loss, 1, guide)[0]
 
 
 def _compile(fast, distributed, elbo, model, guide, args, kwargs, report):
@@ -358,22 +378,6 @@ def _compile(fast, distributed, elbo, model, guide, args, kwargs, report):
         return None, f"general ({why})"
     report.note(f"compiled the step in {compiled.compile_time:.1f} s")
     return compiled, "compiled"
-
-
-def _objective(loss, num_particles, guide):
-    """The ELBO instance for ``loss``, and whether the guide must score with stopped params."""
-    if isinstance(loss, ELBO):
-        return loss, False
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES} or a Pyro ELBO instance, got {loss!r}")
-    if num_particles < 1:
-        raise ValueError(f"num_particles must be at least 1, got {num_particles}")
-    if loss in ("stl", "dreg"):
-        check_stopped_scoring(guide)  # fail now, with a clear message
-    if loss in ("iwae", "dreg"):
-        return ImportanceWeightedELBO(num_particles, dreg=loss == "dreg"), False
-    vectorize = num_particles > 1
-    return FlowELBO(num_particles=num_particles, vectorize_particles=vectorize), loss == "stl"
 
 
 def _diagnose(model, guide, args, kwargs, warn: bool = True):

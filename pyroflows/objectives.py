@@ -18,9 +18,18 @@ from pyro.util import warn_if_nan
 
 from .draws import sum_per_draw
 from .member_bound import MemberImportanceELBO
-from .scoring import scoring
+from .scoring import check_stopped_scoring, scoring
 
-__all__ = ["FlowELBO", "ImportanceWeightedELBO", "MemberImportanceELBO"]
+__all__ = [
+    "LOSSES",
+    "FlowELBO",
+    "ImportanceWeightedELBO",
+    "MemberImportanceELBO",
+    "for_local_latents",
+    "objective",
+]
+
+LOSSES = ("elbo", "stl", "iwae", "dreg")
 
 
 class _PlateNesting:
@@ -185,3 +194,40 @@ def _samples(trace):
 
 def _log_mean_exp(log_w):
     return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+
+
+def objective(loss, num_particles: int, guide) -> tuple[ELBO, bool]:
+    """``fit``'s objective for ``loss`` (a name in ``LOSSES`` or a Pyro ``ELBO``), and
+    whether the guide must score with stopped parameters (STL).
+
+    Example:
+        >>> objective("iwae", 8, None)[0].num_particles
+        8
+    """
+    if isinstance(loss, ELBO):
+        return loss, False
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES} or a Pyro ELBO instance, got {loss!r}")
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be at least 1, got {num_particles}")
+    if loss in ("stl", "dreg"):
+        check_stopped_scoring(guide)  # fail now, with a clear message
+    if loss in ("iwae", "dreg"):
+        return ImportanceWeightedELBO(num_particles, dreg=loss == "dreg"), False
+    vectorize = num_particles > 1
+    return FlowELBO(num_particles=num_particles, vectorize_particles=vectorize), loss == "stl"
+
+
+def for_local_latents(elbo: ELBO, loss, guide) -> ELBO:
+    """A guide with local latents (known once it is set up) takes the importance-weighted
+    bound member by member; DReG, which needs whole draws' inverse passes, is refused."""
+    if getattr(guide, "locals", None) is None or not isinstance(elbo, ImportanceWeightedELBO):
+        return elbo
+    if elbo.dreg:
+        raise ValueError(
+            f"fit: loss={loss!r} weighs whole draws of the guide, and this guide has local "
+            f"latents ({', '.join(guide.local_sites)}), drawn per member outside the flow; "
+            "use loss='iwae' (the bound member by member: MemberImportanceELBO), "
+            "'elbo' or 'stl'"
+        )
+    return MemberImportanceELBO(elbo.num_particles)

@@ -63,6 +63,10 @@ class Schedule:
         self.converged = False
         self.reason = f"reached num_steps={num_steps}"
 
+    def use_window(self, window: int) -> None:
+        """Judge improvement on windows of ``window`` steps (before the first step)."""
+        self.plateau = Plateau(window, self.plateau.patience)
+
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (1-based)."""
         warm = min(1.0, step / self.warmup) if self.warmup > 0 else 1.0
@@ -94,11 +98,6 @@ class Schedule:
     def smoothed(self) -> float:
         """The loss smoothed over the last complete window (the running mean before one)."""
         return self.plateau.smoothed
-
-    @property
-    def final_phase(self) -> bool:
-        """Whether the plateau schedule runs at its smallest rate (after its last reduction)."""
-        return self.kind == "plateau" and self.decays == self.num_decays > 0
 
 
 class Plateau:

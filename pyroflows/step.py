@@ -24,7 +24,11 @@ from .adapters import guide_model_wrapped
 from .draws import NOT_VECTORISED_HINT, is_shape_error
 from .progress import FitError
 
-__all__ = ["GuardedStep", "NormBound", "nonfinite_site"]
+__all__ = ["GuardedStep", "NormBound", "NotBroadcast", "nonfinite_site"]
+
+
+class NotBroadcast(ValueError):
+    """The model does not broadcast over a batch of particles (a plate left of its own)."""
 
 
 class GuardedStep:
@@ -77,7 +81,7 @@ class GuardedStep:
                 value = elbo.loss_and_grads(model, guide, *args, **kwargs)
         except (RuntimeError, ValueError) as error:
             if _batched_particles(elbo) and is_shape_error(error):
-                raise ValueError(
+                raise NotBroadcast(
                     f"fit: num_particles={elbo.num_particles} draws the particles as one batch "
                     "(a plate left of the model's), and this model does not broadcast over it "
                     f"({NOT_VECTORISED_HINT}; {type(error).__name__}: "

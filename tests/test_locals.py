@@ -494,11 +494,11 @@ def test_the_globals_diagnostic_integrates_each_member_out_where_joint_weights_d
 
 
 @pytest.mark.parametrize("subsample_size", [10, None])
-def test_a_subsampled_fit_ends_at_the_mean_of_its_final_phase(subsample_size):
+def test_a_subsampled_fit_ends_at_the_mean_of_its_last_two_rates(subsample_size):
     # A minibatch's gradient noise keeps the globals wandering at the smallest rate (on the
     # 1,000-group benchmark the global mean ended 0.1-0.7 sds off): with a subsampled plate,
-    # fit ends at the mean of the global parameters over the schedule's final phase; the
-    # members' rows, and a full-data fit, end at their last step.
+    # fit ends at the mean of the global parameters over the schedule's last two learning
+    # rates; the members' rows, and a full-data fit, end at their last step.
     sigma, y = data()
     guide = AutoFlowGuide(hierarchical, local_plates=["groups"])
     seen = []
@@ -521,10 +521,10 @@ def test_a_subsampled_fit_ends_at_the_mean_of_its_final_phase(subsample_size):
         diagnose=False,
         callbacks=[record],
     )
-    smallest = min(result.lr_history[100:])  # (after the warm-up's 100 steps)
-    final = [i for i, lr in enumerate(result.lr_history) if i >= 100 and lr == smallest]
-    final.insert(0, final[0] - 1)  # the phase begins once the step that ended the last ran
-    assert result.converged and len(final) >= 60  # the run reached its final phase
+    last_two = sorted(set(result.lr_history[100:]))[:2]  # (after the warm-up's 100 steps)
+    final = [i for i, lr in enumerate(result.lr_history) if i >= 100 and lr in last_two]
+    final.insert(0, final[0] - 1)  # a phase begins once the step that ended the last ran
+    assert result.converged and len(final) >= 120  # the run reached its final phase
     ends = [guide.loc, guide.scale_raw, *guide.flow.parameters()]
     last = seen[-1][0]
     mean = [torch.stack([seen[i][0][k] for i in final]).mean(0) for k in range(len(ends))]
