@@ -8,7 +8,8 @@ hierarchy with 1,000 groups and subsamples of 100 (``benchmarks/locals.py``;
 
 - ``MINIBATCH_PARTICLES`` draws a step instead of one: with a single draw the global
   mean's sd ended 0.1-0.2 narrow even at the smallest rate; with 4, the global scale's mean
-  0.15 sds off at one seed of three (8 draws, vectorised, cost about a fifth more a step).
+  0.15 sds off at one seed of three (8 draws, vectorised: 0-35% more per step in the
+  scale benchmark).
 - Plateau windows of ``num_steps // 12`` steps, 100 to 500 (``minibatch_window``), not 40 to
   250: the loss is so noisy that windows of 150 steps saw no progress and cut the rate at step
   1,000, while the global mean still swung by 1-3 posterior sds and the global scale was
