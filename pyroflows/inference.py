@@ -53,7 +53,7 @@ from .psis import NoFiniteWeights
 from .subsampling import subsampled_plate, trace_at_guide_draw
 from .transforms import invertible
 
-__all__ = ["STAGES", "infer"]
+__all__ = ["JOINT_FLOW", "STAGES", "infer"]
 
 STAGES = ("laplace", "locals", "fit", "dreg", "neutra")
 R_HAT_LIMIT = 1.01
@@ -62,6 +62,10 @@ NEUTRA_TARGET_ACCEPT = 0.9  # NUTS's: smaller steps where the flow leaves curvat
 MCMC_MIN_ESS = 400  # Vehtari et al. (2021)'s bulk-ESS rule for MCMC draws
 PARTICLES = 8  # of the dreg stage (benchmarks/RESULTS.md: K=8 met 10 of 14 posteriors)
 FIT_STEPS, DREG_STEPS = 5000, 3000  # the benchmark's budget; the plateau rule ends most sooner
+# The joint flow of the fit and dreg stages: each marginal's own skew and tail weight before
+# two IAF blocks (dugongs' dreg stage reached k-hat 0.48 with it, 0.91 without; RESULTS.md,
+# "infer: the route"). Funnels, where the layer did worse, go to the locals stage first.
+JOINT_FLOW = ("sinh_arcsinh", "iaf", "iaf")
 
 
 def infer(
@@ -88,8 +92,9 @@ def infer(
             collides with one of ``infer``'s goes in ``model_kwargs={...}``).
         num_samples: draws returned (NeuTra's chains end equally long, so up to 15 more;
             chains whose bulk ESS falls short of 400 run on, up to 4x, keeping every draw).
-        guide: an ``AutoFlowGuide`` to use (default: ``AutoFlowGuide(model)``); it is fitted
-            in place, so a fitted one continues from where it is.
+        guide: an ``AutoFlowGuide`` to use (default: ``AutoFlowGuide(model, flow=JOINT_FLOW)``,
+            the default flow with a sinh-arcsinh layer first, for skewed and heavy-tailed
+            marginals); it is fitted in place, so a fitted one continues from where it is.
         seed: seeds Pyro's random state first, for a reproducible answer.
         progress: stage lines and ``fit``'s progress display on stderr.
         time_budget: seconds for the whole call; stages that no longer fit are skipped,
@@ -125,7 +130,7 @@ def infer(
         raise ValueError(f"infer: stages must be a non-empty subset of {STAGES}, got {stages!r}")
     given = guide is not None
     if guide is None:
-        guide = AutoFlowGuide(model)
+        guide = AutoFlowGuide(model, flow=list(JOINT_FLOW))
     elif not isinstance(guide, AutoFlowGuide):
         raise TypeError(f"infer: guide must be an AutoFlowGuide, got {type(guide).__name__}")
     if seed is not None:

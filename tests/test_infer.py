@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pyroflows import AutoFlowGuide, infer
-from pyroflows.inference import STAGES
+from pyroflows.inference import JOINT_FLOW, STAGES
+from pyroflows.transforms.marginal import SinhArcsinh
 
 
 def conjugate(y):
@@ -64,6 +65,7 @@ def test_conjugate_posterior_within_mcse_and_the_route_lists_its_stages():
     names = [s.name for s in posterior.route.stages]
     assert names and set(names) <= set(STAGES) and posterior.route.stages[-1].accepted
     assert "PSIS-resampled" in posterior.label and not posterior.route.approximate
+    assert isinstance(posterior.guide.flow[0], SinhArcsinh)  # infer's joint flow (JOINT_FLOW)
     report = str(posterior.route)
     assert all(name in report for name in names) and " s " in report
 
@@ -171,7 +173,7 @@ def test_keywords_neither_infers_nor_the_models_are_refused():
 
 def test_a_given_guide_is_fitted_in_place_and_seeds_reproduce():
     y = torch.tensor([1.2, 0.4, 2.1])
-    guide = AutoFlowGuide(conjugate)
+    guide = AutoFlowGuide(conjugate, flow=list(JOINT_FLOW))  # the guide infer would build
     first = infer(conjugate, y, guide=guide, num_samples=300, seed=3, progress=False)
     assert first.guide is guide and guide.prototype_trace is not None
     pyro.clear_param_store()
