@@ -360,7 +360,7 @@ def _one_particle(error, loss, guide, chosen_by_fit: bool):
         f"{error}; fit draws one a step instead of {MINIBATCH_PARTICLES}, its default on a "
         "subsampled model, where one leaves the global scales less accurate "
         "(pyroflows.minibatch)",
-        stacklevel=4,
+        stacklevel=3,  # (the caller of fit)
     )
     return objective(loss, 1, guide)[0]
 
