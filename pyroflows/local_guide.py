@@ -70,7 +70,9 @@ class LocalLatentsGuide:
         # are dealt in epochs (random reshuffling), not drawn afresh every step.
         sizes = self.__dict__.get("_plate_sizes", {}).get(arguments_signature(args, kwargs), {})
         user = self.create_plates(*args, **kwargs) if self.create_plates else ()
-        deal = self.__dict__.setdefault("_minibatches", Reshuffled())
+        deal = self.__dict__.get("_minibatches")
+        if deal is None:  # (not setdefault: that would build one at every call)
+            deal = self.__dict__["_minibatches"] = Reshuffled()
         self.plates = guide_plates(user, self._prototype_frames, sizes, deal)
         return self.plates
 

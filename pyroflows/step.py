@@ -4,10 +4,10 @@ The update is one ``pyroflows.adam.Adam`` over all dense parameters (torch's fus
 where it has them; ``RowAdam`` for per-member rows) unless an ``optim=`` is given: Pyro's
 optimizers keep one optimizer per tensor. After the update, the parameters are checked too
 (and the update undone if one became non-finite) unless ``NormBound`` shows it cannot have
-overflowed. Before any update the loss and every
-gradient are checked; a non-finite one raises ``FitError`` naming the step and, where it can
-be found, the site or parameter, and nothing is updated. The gradients come from Pyro
-(``SVI.step``'s way) or from ``fit``'s compiled step (``pyroflows.compiled``).
+overflowed. Before any update the loss and every gradient are checked; a non-finite one
+raises ``FitError`` naming the step and, where it can be found, the site or parameter, and
+nothing is updated. The gradients come from Pyro (``SVI.step``'s way) or from ``fit``'s
+compiled step (``pyroflows.compiled``).
 """
 
 from __future__ import annotations
