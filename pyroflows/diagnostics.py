@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.distributions import biject_to
 
-from .draws import NOT_VECTORISED_HINT, Draws, draw, evaluate_at, is_shape_error
+from .draws import NOT_VECTORISED_HINT, Draws, draw, is_shape_error
+from .guides import AutoFlowGuide
 from .member_resample import resample_members
+from .moment_matching import moment_match
 from .objectives import MemberImportanceELBO
+from .proposal import defensive_draws
 from .psis import PSISResult, khat_threshold, psis
 from .subsampling import SubsampledModel, subsampled_plate, trace_at_guide_draw
 
@@ -150,6 +152,7 @@ def importance_resample(
     seed: int | None = None,
     predictive: bool = False,
     warn: bool = True,
+    defensive: bool = False,
     **kwargs,
 ) -> ImportanceResample:
     """PSIS-weighted resampling of guide draws: draws closer to the exact posterior.
@@ -173,6 +176,11 @@ def importance_resample(
         predictive: also draw the observed sites afresh at each proposal (``draws.predictive``).
         warn: warn when k-hat says the weights cannot be trusted (off for a caller that
             reports k-hat itself, as ``infer`` does).
+        defensive: draw half the proposals through the flow from a heavy-tailed base
+            (``pyroflows.proposal``): regions the guide covers thinly get draws, and no
+            weight exceeds twice its ratio to that half (``AutoFlowGuide`` without local
+            latents, a model that broadcasts over draws; ``infer`` weighs so). A guide with
+            local latents always weighs its globals this way.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -187,13 +195,30 @@ def importance_resample(
     """
     if getattr(guide, "locals", None) is not None:
         return _resample_members(model, guide, args, kwargs, num_samples, num_draws, seed, warn)
-    draws = draw(model, guide, args, kwargs, num_samples, predictive=predictive)
+    if defensive:
+        if not isinstance(guide, AutoFlowGuide):
+            name = type(guide).__name__
+            raise TypeError(
+                f"importance_resample: defensive=True needs an AutoFlowGuide, not {name}"
+            )
+        try:
+            draws = defensive_draws(model, guide, args, kwargs, num_samples, predictive=predictive)
+        except (RuntimeError, ValueError, IndexError) as error:
+            if not is_shape_error(error):
+                raise
+            raise ValueError(
+                "importance_resample: defensive=True evaluates the model at all draws at once, "
+                f"and this model does not run vectorised over them ({error}); to have it, "
+                f"{NOT_VECTORISED_HINT}"
+            ) from error
+    else:
+        draws = draw(model, guide, args, kwargs, num_samples, predictive=predictive)
     log_w = draws.log_weights
     result = PSISResult.from_log_weights(log_w)
     accepted = 0
     can_adapt = all(s.in_guide for s in draws.sites.values() if s.kind == "latent")
     if adapt and can_adapt and not result.ok:
-        draws, result, accepted = _moment_match(model, args, kwargs, draws, result, max_adaptations)
+        draws, result, accepted = moment_match(model, args, kwargs, draws, result, max_adaptations)
     if warn and not result.ok:
         warnings.warn(
             f"importance_resample: {result.summary()} The {num_draws or num_samples} resampled "
@@ -219,115 +244,6 @@ def _resample_members(model, guide, args, kwargs, num_samples, num_draws, seed, 
             stacklevel=3,
         )
     return ImportanceResample(samples, result, 0, None, index)
-
-
-def _moment_match(model, args, kwargs, draws, result, max_adaptations):
-    """Paananen et al.'s affine moment matching in the unconstrained latent space."""
-    names = draws.latent_names()
-    transforms = {n: biject_to(draws.sites[n].support) for n in names}
-    unconstrained = {n: transforms[n].inv(draws.values[n]) for n in names}
-    shapes = {n: unconstrained[n].shape[1:] for n in names}
-    u = torch.cat([unconstrained[n].reshape(draws.num_samples, -1) for n in names], -1).double()
-    # log q_U(u) = log q_X(x) + log|dx/du|: the proposal's density in unconstrained space.
-    log_q_u = draws.log_q.double() + _log_jacobian(transforms, unconstrained)
-    log_det = torch.zeros((), dtype=torch.float64)  # of the accumulated affine map
-    accepted = 0
-
-    def evaluate(new_u):
-        values, pos = {}, 0
-        for n in names:
-            size = math.prod(shapes[n])
-            un = new_u[:, pos : pos + size].reshape((-1, *tuple(shapes[n])))
-            un = un.to(draws.values[n].dtype)
-            values[n] = transforms[n](un)
-            pos += size
-        parts = {n: transforms[n].inv(values[n]) for n in names}
-        at = evaluate_at(model, args, kwargs, draws, values, predictive=bool(draws.predictive))
-        at["values"].update(values)
-        return at, at["log_joint"].double() + _log_jacobian(transforms, parts)
-
-    # Past the threshold, adapt while it helps, down to k = 0.5 (finite weight variance)
-    target = min(result.threshold, 0.5)
-    for _ in range(max_adaptations):
-        if result.k_hat < target:
-            break
-        weights = result.log_weights.exp().unsqueeze(-1)
-        for kind in ("mean", "scale", "covariance"):
-            mapped = _affine_step(u, weights, kind)
-            if mapped is None:
-                continue
-            new_u, step_log_det = mapped
-            try:
-                moved, log_p_u = evaluate(new_u)
-            except (ValueError, RuntimeError) as error:
-                if is_shape_error(error):  # not vectorised: no map can be tried, say so
-                    warnings.warn(
-                        "importance_resample: moment matching evaluates the model at all "
-                        "draws at once, and this model does not run vectorised over them; "
-                        f"resampling without it. To have it, {NOT_VECTORISED_HINT}.",
-                        stacklevel=3,
-                    )
-                    return draws, result, accepted
-                continue  # the map moved draws where the model refuses them: try the next
-            log_w = log_p_u - (log_q_u - (log_det + step_log_det))
-            if not torch.isfinite(log_w).any():  # every draw moved to zero density
-                continue
-            candidate = PSISResult.from_log_weights(log_w)
-            if candidate.k_hat < result.k_hat:
-                u, log_det, result = new_u, log_det + step_log_det, candidate
-                draws = _replace(draws, moved, log_w)
-                accepted += 1
-                break
-        else:
-            break
-    return draws, result, accepted
-
-
-def _affine_step(u, weights, kind):
-    mean = u.mean(0)
-    w_mean = (weights * u).sum(0)
-    if kind == "mean":
-        return u - mean + w_mean, torch.zeros((), dtype=u.dtype)
-    centred, w_centred = u - mean, u - w_mean
-    if kind == "scale":
-        ratio = ((weights * w_centred**2).sum(0) / (centred**2).mean(0)).sqrt()
-        if not torch.isfinite(ratio).all() or (ratio <= 0).any():
-            return None
-        return centred * ratio + w_mean, ratio.log().sum()
-    cov = centred.T @ centred / u.shape[0]
-    w_cov = (weights * w_centred).T @ w_centred
-    eye = torch.eye(u.shape[1], dtype=u.dtype) * 1e-10
-    try:
-        chol, w_chol = torch.linalg.cholesky(cov + eye), torch.linalg.cholesky(w_cov + eye)
-    except RuntimeError:
-        return None
-    matrix = w_chol @ torch.linalg.inv(chol)
-    log_det = w_chol.diagonal().log().sum() - chol.diagonal().log().sum()
-    return centred @ matrix.T + w_mean, log_det
-
-
-def _log_jacobian(transforms, unconstrained):
-    """``log|dx/du|`` per draw, summed over every site."""
-    total = 0.0
-    for name, u in unconstrained.items():
-        t = transforms[name]
-        ld = t.log_abs_det_jacobian(u, t(u))
-        total = total + ld.reshape(u.shape[0], -1).sum(-1).double()
-    return total
-
-
-def _replace(draws, moved, log_w):
-    """The draws moved by an accepted affine map, with the model evaluated there."""
-    return Draws(
-        draws.sites,
-        moved["values"],
-        moved["log_likelihood"],
-        draws.observed,
-        log_w.to(draws.log_joint.dtype),  # stored as log p - log q with log q = 0
-        torch.zeros_like(draws.log_q),
-        moved["predictive"],
-        draws.max_plate_nesting,
-    )
 
 
 @dataclass

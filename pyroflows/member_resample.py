@@ -3,8 +3,8 @@ member integrated out, then each member's locals resampled among its own draws.
 
 Joint weights ``p(x, z) / q(z)`` over the globals and every member degenerate as members are
 added, whatever the guide (``globals_diagnostic``). Here, for each of ``S`` globals draws
-``g_s`` (half from the guide, half from a heavy-tailed version of it: a defensive
-mixture), every member ``i`` gets ``K`` draws ``u_ik ~ q(u_i | g_s)`` and weights
+``g_s`` (half from the guide, half from a heavy-tailed version of it: a defensive mixture,
+``pyroflows.proposal``), every member ``i`` gets ``K`` draws ``u_ik ~ q(u_i | g_s)`` and weights
 ``w_ik = p(y_i, u_ik | g_s) / q(u_ik | g_s)``; the globals' weight is
 ``p(g_s) prod_i mean_k w_ik / q_mix(g_s)`` (unbiased for ``p(g_s, y) / q_mix(g_s)``), and
 member ``i``'s locals are one ``u_ik`` picked with probability ``w_ik / sum_k w_ik``. Globals
@@ -34,24 +34,18 @@ import math
 import warnings
 
 import pyro
-import pyro.distributions as dist
 import torch
 from torch import Tensor
 from torch.distributions import biject_to
 
 from .draws import draw, evaluate_at
 from .member_bound import MemberImportanceELBO
+from .proposal import heavy_tailed
 from .psis import NoFiniteWeights, PSISResult
 from .subsampling import SubsampledModel, subsampled_plate, trace_at_guide_draw
 
-__all__ = ["heavy_tailed", "resample_members"]
+__all__ = ["resample_members"]
 
-# Half the globals draws come from the guide with a Student-t base, 2 degrees of freedom,
-# 3 times as wide: a global scale's posterior often keeps mass near zero, a long tail in log
-# space that a reverse-KL fit misses (benchmarks/RESULTS.md, "Local latents": the guide
-# alone left the scale's sd 0.17-0.18 too small in log, a Normal base twice as wide 0.09-0.1,
-# this one 0.03-0.04).
-HEAVY_TAIL_DF, HEAVY_TAIL_SCALE = 2.0, 3.0
 RESOLUTION_STEPS = 1000  # see _collapsed
 BATCH = 64  # globals draws weighed in one run of the guide and the model, at least
 MAX_BATCH = 4096  # and at most
@@ -180,15 +174,6 @@ def _representable(guide, latents: Tensor) -> Tensor:
     back = torch.cat(back, dim=-1)
     close = torch.isclose(back, latents, rtol=1e-4, atol=1e-4) & torch.isfinite(back)
     return close.all(-1)
-
-
-def heavy_tailed(guide, df: float = HEAVY_TAIL_DF, scale: float = HEAVY_TAIL_SCALE):
-    """The guide's globals posterior with a Student-t base (``df`` degrees of freedom,
-    ``scale`` times as wide): the same shape, far heavier tails."""
-    posterior = guide.get_posterior()
-    zeros = torch.zeros(guide.latent_dim, dtype=guide.loc.dtype, device=guide.loc.device)
-    base = dist.StudentT(df, zeros, torch.full_like(zeros, scale)).to_event(1)
-    return dist.TransformedDistribution(base, posterior.transforms)
 
 
 def _pick(site, value: Tensor, choice: Tensor) -> Tensor:

@@ -7,13 +7,13 @@ those draws can see it; a search can. ``search_modes`` runs local searches (L-BF
 Newton, as the Laplace start does) from over-dispersed starts and keeps the distinct modes
 reached, each with its Laplace mass. ``ModeSearch.missed`` names those that hold a
 non-negligible mass yet get far fewer of the guide's draws than that mass asks for;
-``mixture_resample`` then
-draws from the guide mixed with a Gaussian at each of them and resamples by PSIS, whose
-weights give each mode its share and whose k-hat judges the mixture.
+``mixture_resample`` then draws from the guide (made defensive: ``pyroflows.proposal``)
+mixed with a Gaussian at each of them and resamples by PSIS, whose weights give each mode
+its share and whose k-hat judges the mixture.
 
 What it cannot see: a mode that no search reaches (starts are few, and in many dimensions
-basins are many), and a lobe of one mode that the guide misses without a mode of its own
-(U4's second ridge): both stay invisible, as they are to every draw-based diagnostic.
+basins are many). A lobe of one mode that the guide misses without a mode of its own (U4's
+second ridge) is left to the defensive proposal's heavy-tailed half.
 
 Example:
     >>> import torch
@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from .diagnostics import ImportanceResample
-from .draws import Draws, draw, evaluate_at
 from .laplace import LAPLACE_LIMIT, descend, find_mode
+from .proposal import defensive_draws
 from .psis import PSISResult
 from .sites import enumerated
 
@@ -47,9 +47,9 @@ __all__ = ["Mode", "ModeCheck", "ModeSearch", "check_modes", "mixture_resample",
 SEARCH_STARTS = 10  # 4 over-dispersed guide draws, 2 guide draws reflected, 4 uniform
 OVERDISPERSION = 3.0  # the guide's draws spread this much about their mean, as starts
 MIN_MASS = 0.01  # a missed mode with under 1% of the mass the guide covers is ignored
-MIN_SHARE = 0.1  # every component of a mixture proposal draws at least this share
 REACH = 0.1  # a guide reaches a mode with at least this fraction of the mode's mass share
 WIDEN = 1.5  # a missed mode's mixture component: its Laplace sds times this (RESULTS.md)
+MAX_PROPOSALS = 40_000  # a mixture whose ESS falls short is drawn again, up to this many
 
 
 @dataclass(frozen=True)
@@ -198,44 +198,17 @@ def _whitening(draws: Tensor) -> Tensor:
 def mixture_resample(
     model, guide, args, kwargs, modes, log_evidence: float, num_samples: int, num_draws: int
 ) -> ImportanceResample:
-    """PSIS-resampled draws from the guide mixed with the Laplace approximation of each of
-    ``modes`` (which the guide misses), weighed against the model.
+    """PSIS-resampled draws from the guide's defensive mixture (``pyroflows.proposal``)
+    joined by the Laplace approximation of each of ``modes`` (which the guide misses), its sds
+    ``WIDEN`` times wider, weighed against the model.
 
-    Each component draws a share of the ``num_samples`` proposals in proportion to the mass
-    it stands for (the guide: ``exp(log_evidence)``; a mode: its Laplace mass), at least
-    ``MIN_SHARE`` each; the weights use the mixture's density, so the guide's flow must have
-    an inverse (``guide.flow_is_invertible``).
+    Each mode draws a share of the ``num_samples`` proposals in proportion to its Laplace
+    mass against the guide's ``exp(log_evidence)``; scoring the modes' draws under the guide
+    needs the flow's inverse (``guide.flow_is_invertible``).
     """
-    posterior = guide.get_posterior(*args, **kwargs)
-    like = guide.loc.detach()
-    modes = [Mode(m.point, WIDEN * m.precond, m.log_mass) for m in modes]
-    log_masses = torch.tensor([log_evidence] + [m.log_mass for m in modes], dtype=torch.float64)
-    shares = torch.softmax(log_masses, 0).clamp(min=MIN_SHARE)
-    counts = (shares / shares.sum() * num_samples).round().long().clamp(min=1)
-    log_share = (counts.double() / counts.sum()).log().to(like)
-    pieces = [posterior.sample((int(counts[0]),))]
-    for mode, count in zip(modes, counts[1:], strict=True):
-        eps = torch.randn(int(count), len(mode.point)).to(mode.point)
-        pieces.append((mode.point + eps @ mode.precond.T).to(like))
-    u = torch.cat(pieces)
-    densities = [posterior.log_prob(u)] + [m.log_prob(u).to(like) for m in modes]
-    log_q = torch.logsumexp(torch.stack(densities) + log_share[:, None], 0)
-
-    values, log_det = guide.latent_to_sites(u, log_det=True)
-    probe = draw(model, guide, args, kwargs, 1)
-    at = evaluate_at(model, args, kwargs, probe, values)
-    log_joint = at["log_joint"].to(like)
-    result = PSISResult.from_log_weights(log_joint + log_det - log_q)
-    # Draws' log_q is the density of the constrained values: that of u less log|dz/du|.
-    proposals = Draws(
-        probe.sites,
-        {**values, **at["values"]},
-        at["log_likelihood"],
-        probe.observed,
-        log_joint,
-        log_q - log_det,
-        max_plate_nesting=probe.max_plate_nesting,
-    )
+    widened = [Mode(m.point, WIDEN * m.precond, m.log_mass) for m in modes]
+    proposals = defensive_draws(model, guide, args, kwargs, num_samples, widened, log_evidence)
+    result = PSISResult.from_log_weights(proposals.log_weights)
     index = torch.multinomial(result.log_weights.exp(), num_draws, replacement=True)
     samples = {name: value[index] for name, value in proposals.values.items()}
     return ImportanceResample(samples, result, 0, proposals, index)
@@ -264,11 +237,13 @@ def check_modes(
     search: ModeSearch | None = None,
     vectorised: bool = True,
     seconds: float = math.inf,
+    min_ess: int = 0,
 ) -> ModeCheck:
     """Whether the proposal behind an importance-resampled ``answer`` (``guide``'s draws)
     misses modes a multi-start search finds (``search``, if given, is reused; a new one
     starts no search after ``seconds``); if it does, the answer with them added
-    (``mixture_resample``) where that can be computed.
+    (``mixture_resample``) where that can be computed, from as many proposals as the
+    answer's, or more (up to ``MAX_PROPOSALS``) where their ESS falls short of ``min_ess``.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -310,10 +285,14 @@ def check_modes(
         why_not = "no mixture proposal: it needs a flow with an inverse"
     if why_not:
         return ModeCheck(search, missed, None, why_not, f"{words} ({why_not})")
-    mixture = mixture_resample(
-        model, guide, args, kwargs, missed, log_evidence, answer.draws.num_samples, num_draws
-    )
+    call = (model, guide, args, kwargs, missed, log_evidence)
+    proposals = answer.draws.num_samples
+    mixture = mixture_resample(*call, proposals, num_draws)
     d = mixture.diagnostic
+    if d.ess < min_ess and proposals < MAX_PROPOSALS:  # as the guide's own weighing does
+        proposals = min(MAX_PROPOSALS, math.ceil(proposals * 1.2 * min_ess / max(d.ess, 1)))
+        mixture = mixture_resample(*call, proposals, num_draws)
+        d = mixture.diagnostic
     words += (
         f"; the guide mixed with their Laplace approximations: PSIS k-hat {d.k_hat:.2f}, "
         f"ESS {d.ess:.0f}"

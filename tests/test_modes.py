@@ -97,7 +97,8 @@ def test_the_mixture_answer_gives_a_missed_mode_its_weight():
 
 
 def test_infer_does_not_accept_an_answer_that_misses_a_mode():
-    # The Laplace start finds one mode; its draws pass k-hat; the search finds the other.
+    # The Laplace start finds one mode; the defensive half lands on the other and its
+    # weights reject the answer far above the bar (k-hat ~7); the search finds that mode.
     posterior = infer(bimodal, seed=0, progress=False, stages=("laplace",), num_samples=2000)
     stage = posterior.route.stages[0]
     assert "1 outside the guide's draws" in stage.outcome, stage.outcome
