@@ -41,6 +41,7 @@ __all__ = ["HEAVY_TAIL_DF", "HEAVY_TAIL_SCALE", "MIN_SHARE", "defensive_draws", 
 # 0.17-0.18 too small in log, a Normal base twice as wide 0.09-0.1, this one 0.03-0.04).
 HEAVY_TAIL_DF, HEAVY_TAIL_SCALE = 2.0, 3.0
 MIN_SHARE = 0.1  # every component of a mixture with modes draws at least this share
+CHUNK = 1000  # draws the model is evaluated at in one run
 
 
 def heavy_tailed(guide, df: float = HEAVY_TAIL_DF, scale: float = HEAVY_TAIL_SCALE):
@@ -110,7 +111,14 @@ def defensive_draws(
     u = torch.where(finite[:, None], u, stand_in)
     values, log_det = guide.latent_to_sites(u, log_det=True)
     probe = draw(model, guide, args, kwargs, 1)
-    at = evaluate_at(model, args, kwargs, probe, values, predictive=predictive)
+    # in chunks, as draws.draw runs them: 10,000 rows at once took diamonds' Laplace stage
+    # (a 5000 x 26 regression) 13.4 s, ten runs of 1,000 4.4 s (intermediates fit the cache)
+    runs = [
+        evaluate_at(model, args, kwargs, probe, {k: v[i : i + CHUNK] for k, v in values.items()},
+                    predictive=predictive)
+        for i in range(0, len(u), CHUNK)
+    ]  # fmt: skip
+    at = {key: _cat([run[key] for run in runs]) for key in runs[0]}
     log_joint = torch.where(finite, at["log_joint"].to(like), like.new_tensor(-math.inf))
     # the Draws' log_q is the density of the constrained values: that of u less log|dz/du|
     return Draws(
@@ -123,3 +131,10 @@ def defensive_draws(
         at.get("predictive", {}),
         probe.max_plate_nesting,
     )
+
+
+def _cat(parts):
+    """Runs' results joined along their draws: tensors, or dicts of them."""
+    if isinstance(parts[0], dict):
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return torch.cat(parts)
