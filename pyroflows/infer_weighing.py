@@ -158,7 +158,9 @@ class ImportanceChecks:
         allowed = max(2.0, 0.5 * (time.perf_counter() - self.start))  # at most ~1.5x the call
         searched = (self.modes, self.vectorised, allowed, self.min_ess)
         check = check_modes(*call, out, self.num_samples, *searched)
-        self.modes, self.missed = check.search, check.missed
+        self.missed = check.missed
+        if check.search.starts:  # (none ran for a guide with local latents: not the flow's)
+            self.modes = check.search
         stage.outcome += f"; {check.words}"
         diagnostics.update(modes_missed=len(check.missed))
         if check.mixture is not None:

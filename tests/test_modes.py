@@ -119,3 +119,28 @@ def test_one_mode_is_not_reported_missed():
     stage = posterior.route.stages[0]
     assert stage.accepted and "reached 1 distinct mode" in stage.outcome, stage.outcome
     assert posterior.diagnostics["modes_missed"] == 0
+
+
+def test_the_locals_guides_unsearched_answer_does_not_stand_for_the_joint_flows(monkeypatch):
+    # The search runs in the flow's vector; for a guide with local latents it does not run.
+    # That non-search was kept and reused for the joint flow of the later stages (seeds,
+    # held-out set: "no mode search: local latents" at its fit stage). Every rejected answer
+    # is searched here, and none accepted, so both stages ask.
+    from pyroflows import infer_weighing
+
+    monkeypatch.setattr(infer_weighing, "ACCEPT_KHAT", -math.inf)
+    monkeypatch.setattr(infer_weighing, "MISSED_MODE_KHAT", -math.inf)
+
+    def hierarchy(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("groups", len(y)):
+            theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
+
+    y = torch.tensor([0.5, -0.3, 1.2])
+    with pytest.warns(UserWarning, match="approximate"):
+        posterior = infer(hierarchy, y, num_samples=200, seed=0, progress=False,
+                          stages=("locals", "fit"), time_budget=30)  # fmt: skip
+    local, joint = posterior.route.stages
+    assert "no mode search: local latents" in local.outcome, local.outcome
+    assert "searches from over-dispersed starts" in joint.outcome, joint.outcome
