@@ -22,7 +22,7 @@ import pyro
 
 from .diagnostics import importance_resample
 from .fit import fit
-from .modes import check_modes
+from .modes import MAX_PROPOSALS, check_modes  # (drawn when k-hat is fine, the ESS short)
 from .posterior import Stage
 from .progress import FitError
 from .psis import NoFiniteWeights
@@ -34,7 +34,6 @@ MISSED_MODE_KHAT = 0.7  # a rejected answer this far above the bar is searched f
 PROPOSALS = 4000  # guide draws weighed per check (at least num_samples)
 SEQUENTIAL_PROPOSALS = 1000  # for a model that does not broadcast over draws
 CALIBRATION_PROPOSALS = 200  # weighed once to measure a draw's cost, under a time budget
-MAX_PROPOSALS = 40_000  # when k-hat is fine but the ESS short: draw up to this many
 # Steps between a fit's k-hat checks. A local guide's fit (general path, 5-10 ms a step,
 # weighed on its few globals) is checked twice as often and trained on until fresh draws
 # pass; a joint flow's stops at its first passing check (RESULTS.md, "infer: the route").

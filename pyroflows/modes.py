@@ -49,7 +49,7 @@ OVERDISPERSION = 3.0  # the guide's draws spread this much about their mean, as 
 MIN_MASS = 0.01  # a missed mode with under 1% of the mass the guide covers is ignored
 REACH = 0.1  # a guide reaches a mode with at least this fraction of the mode's mass share
 WIDEN = 1.5  # a missed mode's mixture component: its Laplace sds times this (RESULTS.md)
-MAX_PROPOSALS = 40_000  # a mixture whose ESS falls short is drawn again, up to this many
+MAX_PROPOSALS = 40_000  # an answer whose ESS falls short is drawn again, up to this many
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ def defensive_draws(
 
     finite = torch.isfinite(u).all(-1) & torch.isfinite(log_q)
     log_q = torch.where(finite, log_q, log_q.new_zeros(()))
-    stand_in = guide.get_posterior().sample()  # evaluated in place of a draw beyond float
+    stand_in = posterior.sample()  # evaluated in place of a draw beyond float
     u = torch.where(finite[:, None], u, stand_in)
     values, log_det = guide.latent_to_sites(u, log_det=True)
     probe = draw(model, guide, args, kwargs, 1)
