@@ -126,10 +126,11 @@ def test_the_locals_guides_unsearched_answer_does_not_stand_for_the_joint_flows(
     # That non-search was kept and reused for the joint flow of the later stages (seeds,
     # held-out set: "no mode search: local latents" at its fit stage). Every rejected answer
     # is searched here, and none accepted, so both stages ask.
-    from pyroflows import infer_weighing
+    from pyroflows import infer_weighing, inference
 
     monkeypatch.setattr(infer_weighing, "ACCEPT_KHAT", -math.inf)
     monkeypatch.setattr(infer_weighing, "MISSED_MODE_KHAT", -math.inf)
+    monkeypatch.setattr(inference, "FIT_STEPS", 300)  # (each stage's fit: the search matters)
 
     def hierarchy(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
@@ -140,7 +141,7 @@ def test_the_locals_guides_unsearched_answer_does_not_stand_for_the_joint_flows(
     y = torch.tensor([0.5, -0.3, 1.2])
     with pytest.warns(UserWarning, match="approximate"):
         posterior = infer(hierarchy, y, num_samples=200, seed=0, progress=False,
-                          stages=("locals", "fit"), time_budget=30)  # fmt: skip
+                          stages=("locals", "fit"))  # fmt: skip
     local, joint = posterior.route.stages
     assert "no mode search: local latents" in local.outcome, local.outcome
     assert "searches from over-dispersed starts" in joint.outcome, joint.outcome
