@@ -155,7 +155,10 @@ class ImportanceChecks:
             return out, label, diagnostics
         call = (self.model, self.guide, self.args, self.kwargs)
         allowed = max(2.0, 0.5 * (time.perf_counter() - self.start))  # at most ~1.5x the call
-        searched = (self.modes, self.vectorised, allowed, self.min_ess)
+        # a mixture short of ESS is drawn again from more proposals (up to MAX_PROPOSALS),
+        # under a time budget only with several checks' time to spare
+        top_up = self.min_ess if self.left() > 8 * self.check_seconds + 1.0 else 0
+        searched = (self.modes, self.vectorised, allowed, top_up)
         check = check_modes(*call, out, self.num_samples, *searched)
         self.missed = check.missed
         if check.search.starts:  # (none ran for a guide with local latents: not the flow's)
