@@ -197,7 +197,8 @@ class ImportanceChecks:
         settings = dict(num_samples=proposals, num_draws=self.num_samples, adapt=adapt)
         # half the proposals from a heavy-tailed base (pyroflows.proposal): a lobe or tail the
         # flow covers thinly is reached (U4: means 0.21 sd off with the guide alone)
-        settings.update(defensive=bool(self.vectorised) and not self.guide.local_sites)
+        # (a guide with local latents weighs its globals so already: pyroflows.member_resample)
+        settings.update(defensive=bool(self.vectorised))
         # A proposal from the flow's tail where the model's distributions are invalid (a
         # scale underflowing to 0) has zero density there: it weighs zero, as the member
         # resampling's do, instead of stopping the check (rats, held-out set)

@@ -306,8 +306,9 @@ class _Run(ImportanceChecks):
         loss = "dreg" if invertible(self.guide.flow) else "iwae"
         # trained on until fresh draws pass: a check's pass judged by fresh draws at 0.51
         # sent U1 and U2 to NeuTra's chains (110 and 15 s) where 500 more steps passed
-        settings = dict(loss=loss, num_particles=PARTICLES, num_steps=DREG_STEPS)
-        settings.update(until_accepted=True)
+        settings = dict(
+            loss=loss, num_particles=PARTICLES, num_steps=DREG_STEPS, until_accepted=True
+        )
         self.train(stage, f"{loss} K={PARTICLES}, ", **settings)
 
     def stage_neutra(self, stage: Stage) -> None:

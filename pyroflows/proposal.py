@@ -89,20 +89,18 @@ def defensive_draws(
         (int(counts[1]),))])  # fmt: skip
     u = push(base)
     log_q = posterior.log_prob(u)  # the flow's caches hold base: no inverse is computed
-    parts = [log_q, log_q + heavy.base_dist.log_prob(base) - posterior.base_dist.log_prob(base)]
-    pieces = [u]
-    for mode, count in zip(modes, counts[2:], strict=True):
-        eps = torch.randn(int(count), len(mode.point)).to(mode.point)
-        pieces.append((mode.point + eps @ mode.precond.T).to(like))
     if modes:
-        at_modes = torch.cat(pieces[1:])
-        log_q_modes = posterior.log_prob(at_modes)  # inverts the flow
-        base_modes = push.inv(at_modes)
-        heavy_modes = log_q_modes + heavy.base_dist.log_prob(base_modes)
-        heavy_modes = heavy_modes - posterior.base_dist.log_prob(base_modes)
-        parts = [torch.cat([parts[0], log_q_modes]), torch.cat([parts[1], heavy_modes])]
-        u = torch.cat(pieces)
-        parts += [m.log_prob(u).to(like) for m in modes]
+        pieces = [
+            mode.point + torch.randn(int(count), len(mode.point)).to(mode.point) @ mode.precond.T
+            for mode, count in zip(modes, counts[2:], strict=True)
+        ]
+        at_modes = torch.cat(pieces).to(like)
+        base_modes = push.inv(at_modes)  # the flow's inverse, cached for the next line
+        log_q = torch.cat([log_q, posterior.log_prob(at_modes)])
+        u, base = torch.cat([u, at_modes]), torch.cat([base, base_modes])
+    # both flow parts at every draw: they differ only in the base's density
+    parts = [log_q, log_q + heavy.base_dist.log_prob(base) - posterior.base_dist.log_prob(base)]
+    parts += [m.log_prob(u).to(like) for m in modes]
     log_q = torch.logsumexp(torch.stack(parts) + log_share[:, None], 0)
 
     finite = torch.isfinite(u).all(-1) & torch.isfinite(log_q)
